@@ -1,0 +1,91 @@
+"""The algorithm interface, attaching an adapter to a model, and exporting it under kohya names."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from peft import PeftConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from ..errors import TrainerError
+
+#: the single adapter this trainer trains, as peft names it
+ADAPTER_NAME = "default"
+
+ALGORITHMS: dict[str, "Algorithm"] = {}
+
+
+def register_algorithm(cls: type["Algorithm"]) -> type["Algorithm"]:
+    ALGORITHMS[cls.name] = cls()
+    return cls
+
+
+def get_algorithm(name: str) -> "Algorithm":
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise TrainerError(f"--algorithm: {name!r} is not available (known: {', '.join(ALGORITHMS)})") from None
+
+
+class Algorithm:
+    """One adapter method: its peft config and its tensors in LyCORIS/kohya file naming."""
+
+    name: ClassVar[str]
+    #: value of ``ss_network_module`` in the file's metadata
+    network_module: ClassVar[str]
+
+    def peft_config(self, rank: int, alpha: float, targets: list[str]) -> PeftConfig:
+        raise NotImplementedError
+
+    def export_layer(self, layer: BaseTunerLayer) -> dict[str, torch.Tensor]:
+        """The layer's adapter as file tensors, keyed by suffix (``lora_down.weight``, ``alpha``, ...)."""
+        raise NotImplementedError
+
+    def network_args(self, rank: int, alpha: float) -> dict[str, str]:
+        """Extra ``ss_network_args`` for the metadata (LyCORIS tools read ``algo`` from it)."""
+        return {}
+
+
+def attach_adapter(model: torch.nn.Module, algorithm: Algorithm, rank: int, alpha: float, targets: list[str],
+                   seed: int) -> list[torch.nn.Parameter]:
+    """Insert a fresh adapter into ``model`` (in place), initialised from ``seed``; freeze the rest.
+
+    Returns the trainable parameters (fp32). Raises :class:`TrainerError` if no module matches
+    ``targets``.
+    """
+    model.requires_grad_(False)
+    config = algorithm.peft_config(rank, alpha, targets)
+    with torch.random.fork_rng(devices=[]):  # peft draws its init from the global RNG
+        torch.manual_seed(seed)
+        try:
+            model.add_adapter(config, adapter_name=ADAPTER_NAME)
+        except ValueError as e:
+            if "not found in the base model" in str(e) or "Target modules" in str(e):
+                raise TrainerError(f"--target_modules: no module of the model matches {', '.join(targets)}") from None
+            raise
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 master weights: small updates are not lost to bf16 rounding
+    return params
+
+
+def adapter_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
+    """Module path -> adapted layer, in model order."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module._all_available_adapter_names()}
+
+
+def export_adapter(model: torch.nn.Module, algorithm: Algorithm, prefix: str,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter as a kohya-named state dict: ``<prefix><module path with _>.<suffix>``.
+
+    Weights are cast to ``dtype``; ``alpha`` stays fp32 so its value is exact in every file.
+    """
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        key = prefix + name.replace(".", "_")
+        for suffix, tensor in algorithm.export_layer(layer).items():
+            tensor = tensor.detach().to("cpu", dtype=torch.float32 if suffix == "alpha" else dtype)
+            state[f"{key}.{suffix}"] = tensor.contiguous()
+    return state

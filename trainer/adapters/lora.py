@@ -1,0 +1,25 @@
+"""LoRA: ``W + (alpha / rank) * up @ down``, kohya's ``lora_down``/``lora_up``/``alpha`` tensors."""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig
+
+from .base import ADAPTER_NAME, Algorithm, register_algorithm
+
+
+@register_algorithm
+class LoRA(Algorithm):
+    name = "LoRA"
+    network_module = "networks.lora"
+
+    def peft_config(self, rank, alpha, targets):
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
+                          init_lora_weights=True)
+
+    def export_layer(self, layer):
+        return {
+            "lora_down.weight": layer.lora_A[ADAPTER_NAME].weight,
+            "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight,
+            "alpha": torch.tensor(float(layer.lora_alpha[ADAPTER_NAME])),
+        }

@@ -1,0 +1,28 @@
+"""The library call: the same run as ``train.py``, with the node's outputs returned in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import TrainConfig
+from .loop import TrainResult, train
+
+
+def train_lora(model: Any = "demo", latents: Any = "demo", positive: Any = None, *,
+               write_outputs: bool | None = None, **params: Any) -> TrainResult:
+    """Train an adapter and return ``model_with_lora``, ``lora``, ``loss`` and ``steps``.
+
+    ``model`` is a path (see ``--model``), a diffusers model or pipeline; ``latents`` a path or a
+    ``datasets.Dataset``; ``positive`` a path, dataset, tensor or dict of tensors. ``params`` are
+    the parameters of ``train.py --help``. Files are written only when ``output_dir`` is given
+    (or ``write_outputs=True``). Raises :class:`~trainer.ConfigError` for a bad parameter and
+    :class:`~trainer.TrainerError` for bad input.
+    """
+    paths = {k: v for k, v in (("model", model), ("latents", latents), ("positive", positive))
+             if v is None or isinstance(v, str)}
+    cfg = TrainConfig.from_mapping({**paths, **params})
+    if write_outputs is None:
+        write_outputs = "output_dir" in params
+    objects = {k: v for k, v in (("model", model), ("latents", latents), ("positive", positive))
+               if k not in paths}
+    return train(cfg, write_outputs=write_outputs, **objects)

@@ -1,0 +1,33 @@
+"""``train.py`` / ``lora-train``: parse the parameters, run, and turn input errors into one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from .config import parse_args
+from .errors import ConfigError, TrainerError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .loop import train  # heavy imports (torch, diffusers) only after the parameters are valid
+
+    try:
+        result = train(cfg)
+    except TrainerError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    if result.lora_path is not None:
+        print(f"trained {result.steps} steps, final loss {result.loss['loss'][-1]:.4f}")
+        print(f"wrote {result.lora_path} and loss.json, loss.png, result.json in {result.lora_path.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Training parameters: one typed dataclass, filled from a YAML file and ``--flags``.
+
+Every field carries its help text, default and allowed range/choices in its metadata, so the
+command line, the YAML loader, ``--help`` and validation all read one definition. Values are
+checked before any model or data is touched; a bad value raises :class:`ConfigError` with a
+one-line message naming the parameter and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+MAX_SEED = 2**64 - 1
+
+
+def _param(default, help, *, range=None, choices=None):
+    """A dataclass field whose metadata drives parsing, ``--help`` and validation."""
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """All parameters of a training run; names and defaults follow ComfyUI's Train LoRA node."""
+
+    # --- the node's inputs -------------------------------------------------------------
+    model: str = _param("demo", "diffusers pipeline folder, bare unet/transformer folder, single-file "
+                        ".safetensors checkpoint, or 'demo' (a tiny built-in model)")
+    latents: str = _param("demo", "latents dataset: a save_to_disk folder, Parquet/Arrow files (file, "
+                          "folder or glob), or 'demo'")
+    positive: str | None = _param(None, "conditioning dataset or .safetensors file with 1 row (repeated) or "
+                                  "one row per latent; default: columns of the latents dataset")
+    batch_size: int = _param(1, "samples per process per micro-batch", range=(1, 10000))
+    grad_accumulation_steps: int = _param(1, "micro-batches per optimizer step", range=(1, 1024))
+    steps: int = _param(16, "optimizer steps to train in this run", range=(1, 100000))
+    learning_rate: float = _param(0.0005, "optimizer learning rate", range=(1e-7, 1.0))
+    rank: int = _param(8, "adapter rank (LoRA/LoHa rank, LoKr factor, OFT block count)", range=(1, 128))
+    optimizer: str = _param("AdamW", "optimizer", choices=("AdamW", "Adam", "SGD", "RMSprop"))
+    loss_function: str = _param("MSE", "loss between prediction and target",
+                                choices=("MSE", "L1", "Huber", "SmoothL1"))
+    seed: int = _param(0, "seeds adapter init, data order, noise and timesteps", range=(0, MAX_SEED))
+    training_dtype: str = _param("bf16", "compute dtype of the frozen model (bf16 = bf16 weights + autocast)",
+                                 choices=("bf16", "fp32"))
+    lora_dtype: str = _param("bf16", "dtype of the adapter weights as saved (training keeps fp32 masters)",
+                             choices=("bf16", "fp32"))
+    algorithm: str = _param("LoRA", "adapter algorithm", choices=("LoRA", "LoHa", "LoKr", "OFT"))
+    gradient_checkpointing: bool = _param(True, "recompute activations in backward to save memory")
+    existing_lora: str | None = _param(None, "LoRA .safetensors file to continue (weights and step count)")
+
+    # --- added by this trainer ---------------------------------------------------------
+    alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0)",
+                                 range=(1e-6, 1e6))
+    target_modules: str | None = _param(None, "comma-separated module names to adapt (suffix match); "
+                                        "default: the model family's attention projections")
+    output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json")
+    output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter")
+    model_family: str = _param("auto", "model family; auto detects it from the model",
+                               choices=("auto", "sd"))
+    prediction_type: str = _param("auto", "what the model predicts; auto reads the pipeline's scheduler config",
+                                  choices=("auto", "epsilon", "v_prediction"))
+    objective: str = _param("native", "native: the model's own target; x0: loss on the predicted clean "
+                            "latents (the node's behaviour)", choices=("native", "x0"))
+    model_config: str | None = _param(None, "diffusers config folder for a single-file checkpoint "
+                                      "(default: the built-in config of the detected family)")
+    log_every: int = _param(10, "read the loss back from the device and log it every N steps",
+                            range=(1, 100000))
+    report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"))
+    save_merged_model: bool = _param(False, "also write model_with_lora/: the base model with the adapter "
+                                     "merged, as a diffusers folder")
+    num_workers: int = _param(0, "DataLoader worker processes", range=(0, 64))
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+
+    # -- constructors --------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build a config from a mapping of names to values; unknown names are errors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown parameter {unknown[0]!r} (run with --help for the list)")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _describe(f: dataclasses.Field) -> str:
+    meta = f.metadata
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    if meta["range"]:
+        lo, hi = meta["range"]
+        kind = "an integer" if f.type == "int" else "a number"
+        return f"{kind} in {lo:g}..{hi:g}" if f.type != "int" else f"{kind} in {lo}..{hi}"
+    if f.type == "bool":
+        return "true or false"
+    return "a string" + (" or none" if "None" in f.type else "")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Convert ``value`` (from YAML, a flag string or Python) to the field's type and check it."""
+    name, meta, typ = f.name, f.metadata, f.type
+    bad = ConfigError(f"--{name}: expected {_describe(f)}, got {value!r}")
+    optional = "None" in typ
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise bad
+    if typ == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        raise bad
+    if typ == "int":
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, str):
+            try:
+                value = int(value.strip(), 0)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise bad
+    elif typ.startswith("float"):
+        if isinstance(value, bool):
+            raise bad
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+        if not math.isfinite(value):
+            raise bad
+    else:
+        if not isinstance(value, (str, Path)):
+            raise bad
+        value = str(value)
+    if meta["choices"] and value not in meta["choices"]:
+        # accept case-insensitive spellings of a choice ("adamw", "mse"), store the canonical one
+        folded = {c.lower(): c for c in meta["choices"]}
+        if isinstance(value, str) and value.lower() in folded:
+            return folded[value.lower()]
+        raise bad
+    if meta["range"]:
+        lo, hi = meta["range"]
+        if not lo <= value <= hi:
+            raise bad
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one line and our exit code
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="train.py",
+        description="Train a LoRA (or LoHa, LoKr, OFT) on a diffusion model from a latents dataset. "
+        "With no arguments, runs a small built-in demo.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML file with any of the parameters below; "
+                        "flags given on the command line override it")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not None else "None"
+        parser.add_argument(f"--{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
+                            help=f"{f.metadata['help']} [default: {default}; {_describe(f)}]")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse ``--config FILE`` and ``--name VALUE`` flags into a validated :class:`TrainConfig`."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    config_file = args.pop("config", None)
+    if config_file:
+        values.update(load_yaml(config_file))
+    values.update(args)
+    return TrainConfig.from_mapping(values)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {path} must hold a mapping of parameter names to values")
+    return data

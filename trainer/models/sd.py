@@ -1,0 +1,62 @@
+"""Stable Diffusion 1.x / 2.x: a UNet2DConditionModel conditioned on CLIP hidden states."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ..errors import TrainerError
+from ..objectives import DDPMObjective
+from .base import ModelFamily, register_family
+
+CONFIGS = Path(__file__).parent / "configs"
+
+
+@register_family
+class StableDiffusion(ModelFamily):
+    name = "sd"
+    denoiser_class = UNet2DConditionModel
+    subfolder = "unet"
+    kohya_prefix = "lora_unet_"
+    # the attention projections of every transformer block (self- and cross-attention)
+    default_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    conditioning = {"prompt_embeds": 2}
+
+    def matches(self, config):
+        return config.get("_class_name") == "UNet2DConditionModel" and config.get("addition_embed_type") is None
+
+    def check_conditioning(self, model, shapes):
+        dim = shapes["prompt_embeds"][-1]
+        if dim != model.config.cross_attention_dim:
+            raise TrainerError(f"prompt_embeds have {dim} features per token but the model's "
+                               f"cross_attention_dim is {model.config.cross_attention_dim}: "
+                               "the conditioning was encoded for another model")
+
+    def make_objective(self, scheduler_config, prediction_type, objective):
+        if scheduler_config is None:
+            scheduler_config = _read_json(CONFIGS / "sd1" / "scheduler" / "scheduler_config.json")
+        return DDPMObjective(scheduler_config, prediction_type, objective)
+
+    def forward(self, model, noisy, timesteps, cond):
+        return model(noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
+
+    def single_file_config(self, state_dict):
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+        model_type = infer_diffusers_model_type(state_dict)
+        if model_type not in ("v1", "v2"):
+            raise TrainerError(f"single-file checkpoint looks like {model_type!r}, not SD 1.x/2.x; "
+                               "pass --model_config with its diffusers config folder")
+        folder = CONFIGS / ("sd1" if model_type == "v1" else "sd2")
+        return folder, _read_json(folder / "scheduler" / "scheduler_config.json")
+
+    def base_model_version(self, model):
+        return "sd_v2" if model.config.cross_attention_dim == 1024 else "sd_v1"
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text())
