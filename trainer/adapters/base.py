@@ -35,7 +35,13 @@ class Algorithm:
     #: value of ``ss_network_module`` in the file's metadata
     network_module: ClassVar[str]
 
-    def peft_config(self, rank: int, alpha: float, targets: list[str]) -> PeftConfig:
+    def peft_config(self, rank: int, alpha: float, targets: list[str], rank_pattern: dict[str, int] | None = None,
+                    alpha_pattern: dict[str, float] | None = None) -> PeftConfig:
+        """The peft config; ``*_pattern`` map module paths to per-module values (continued files)."""
+        raise NotImplementedError
+
+    def import_layer(self, layer: BaseTunerLayer, tensors: dict[str, torch.Tensor]) -> None:
+        """Load file tensors (the inverse of :meth:`export_layer`) into the layer's adapter, in place."""
         raise NotImplementedError
 
     def export_layer(self, layer: BaseTunerLayer) -> dict[str, torch.Tensor]:
@@ -48,14 +54,15 @@ class Algorithm:
 
 
 def attach_adapter(model: torch.nn.Module, algorithm: Algorithm, rank: int, alpha: float, targets: list[str],
-                   seed: int) -> list[torch.nn.Parameter]:
+                   seed: int, rank_pattern: dict[str, int] | None = None,
+                   alpha_pattern: dict[str, float] | None = None) -> list[torch.nn.Parameter]:
     """Insert a fresh adapter into ``model`` (in place), initialised from ``seed``; freeze the rest.
 
     Returns the trainable parameters (fp32). Raises :class:`TrainerError` if no module matches
     ``targets``.
     """
     model.requires_grad_(False)
-    config = algorithm.peft_config(rank, alpha, targets)
+    config = algorithm.peft_config(rank, alpha, targets, rank_pattern, alpha_pattern)
     with torch.random.fork_rng(devices=[]):  # peft draws its init from the global RNG
         torch.manual_seed(seed)
         try:

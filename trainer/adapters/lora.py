@@ -13,9 +13,10 @@ class LoRA(Algorithm):
     name = "LoRA"
     network_module = "networks.lora"
 
-    def peft_config(self, rank, alpha, targets):
+    def peft_config(self, rank, alpha, targets, rank_pattern=None, alpha_pattern=None):
         return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
-                          init_lora_weights=True)
+                          init_lora_weights=True, rank_pattern=rank_pattern or {},
+                          alpha_pattern=alpha_pattern or {})
 
     def export_layer(self, layer):
         return {
@@ -23,3 +24,9 @@ class LoRA(Algorithm):
             "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight,
             "alpha": torch.tensor(float(layer.lora_alpha[ADAPTER_NAME])),
         }
+
+    @torch.no_grad()
+    def import_layer(self, layer, tensors):
+        down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+        down.copy_(tensors["lora_down.weight"].reshape(down.shape))
+        up.copy_(tensors["lora_up.weight"].reshape(up.shape))

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny SD-style models and latent datasets built offline from fixed seeds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from trainer.demo import DEMO_UNET_CONFIG, build_demo_model  # noqa: E402
+
+#: fast defaults for library calls in tests: fp32, so results compare tightly
+FAST = dict(steps=2, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False, log_every=1)
+
+
+def make_dataset(rows: int = 8, seed: int = 0, channels: int = 4, size: int = 16, tokens: int = 8,
+                 dim: int = DEMO_UNET_CONFIG["cross_attention_dim"], with_embeds: bool = True,
+                 fixed_shape: bool = True):
+    """A latents dataset in the SPEC schema with random values."""
+    from datasets import Array2D, Array3D, Dataset, Features
+
+    g = torch.Generator().manual_seed(seed)
+    columns = {"latents": torch.randn(rows, channels, size, size, generator=g).numpy()}
+    if with_embeds:
+        columns["prompt_embeds"] = torch.randn(rows, tokens, dim, generator=g).numpy()
+    if not fixed_shape:
+        return Dataset.from_dict({k: v.tolist() for k, v in columns.items()})
+    features = {"latents": Array3D((channels, size, size), "float32")}
+    if with_embeds:
+        features["prompt_embeds"] = Array2D((tokens, dim), "float32")
+    return Dataset.from_dict({k: list(v) for k, v in columns.items()}, features=Features(features))
+
+
+def make_pipeline(unet=None, prediction_type: str = "epsilon"):
+    """A StableDiffusionPipeline around a tiny UNet (a tiny VAE, no text encoder: latents come precomputed)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet or build_demo_model(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def unet_inputs(batch: int = 2, seed: int = 0, size: int = 16):
+    """Fixed (sample, timestep, encoder_hidden_states) for comparing UNet outputs."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, size, size, generator=g), torch.tensor([10, 500, 900, 250][:batch]),
+            torch.randn(batch, 8, DEMO_UNET_CONFIG["cross_attention_dim"], generator=g))
+
+
+@pytest.fixture
+def dataset():
+    return make_dataset()
+
+
+@pytest.fixture
+def pipeline_dir(tmp_path):
+    path = tmp_path / "pipeline"
+    make_pipeline().save_pretrained(path)
+    return path
