@@ -1,0 +1,99 @@
+"""Parameters: the node's names, defaults and ranges; YAML + flags; one-line errors before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import TrainConfig, parse_args
+from trainer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NODE_DEFAULTS = dict(batch_size=1, grad_accumulation_steps=1, steps=16, learning_rate=0.0005, rank=8,
+                     optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="bf16", lora_dtype="bf16",
+                     algorithm="LoRA", gradient_checkpointing=True, existing_lora=None)
+
+
+def test_defaults_are_the_nodes():
+    cfg = parse_args([])
+    assert {k: getattr(cfg, k) for k in NODE_DEFAULTS} == NODE_DEFAULTS
+
+
+def test_flags_are_typed():
+    cfg = parse_args(["--batch_size", "4", "--learning_rate", "1e-4", "--gradient_checkpointing", "false",
+                      "--seed", str(2**64 - 1), "--optimizer", "sgd", "--existing_lora", "None"])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.gradient_checkpointing) == (4, 1e-4, False)
+    assert cfg.seed == 2**64 - 1 and cfg.optimizer == "SGD" and cfg.existing_lora is None
+
+
+def test_yaml_then_flags_override(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("rank: 16\nsteps: 3\ngradient_checkpointing: false\nlearning_rate: 0.001\n")
+    cfg = parse_args(["--config", str(file), "--steps", "5"])
+    assert (cfg.rank, cfg.steps, cfg.gradient_checkpointing, cfg.learning_rate) == (16, 5, False, 0.001)
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--batch_size", "0"], "--batch_size"),
+    (["--batch_size", "10001"], "--batch_size"),
+    (["--grad_accumulation_steps", "1025"], "--grad_accumulation_steps"),
+    (["--steps", "2.5"], "--steps"),
+    (["--learning_rate", "2"], "--learning_rate"),
+    (["--learning_rate", "nan"], "--learning_rate"),
+    (["--rank", "129"], "--rank"),
+    (["--rank", "eight"], "--rank"),
+    (["--optimizer", "Adafactor"], "--optimizer"),
+    (["--loss_function", "KL"], "--loss_function"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**64)], "--seed"),
+    (["--training_dtype", "fp16"], "--training_dtype"),
+    (["--algorithm", "DoRA"], "--algorithm"),
+    (["--gradient_checkpointing", "maybe"], "--gradient_checkpointing"),
+    (["--no_such_flag", "1"], "--no_such_flag"),
+])
+def test_bad_flag_values(argv, names):
+    with pytest.raises(ConfigError, match=names):
+        parse_args(argv)
+
+
+def test_bad_yaml(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("rnak: 4\n")
+    with pytest.raises(ConfigError, match="rnak"):
+        parse_args(["--config", str(file)])
+    file.write_text("steps: [1, 2]\n")
+    with pytest.raises(ConfigError, match="--steps"):
+        parse_args(["--config", str(file)])
+    with pytest.raises(ConfigError, match="--config"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_library_rejects_unknown_parameter():
+    with pytest.raises(ConfigError, match="learning_rte"):
+        TrainConfig.from_mapping({"learning_rte": 1e-3})
+
+
+def test_cli_error_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--rank", "0", "--output_dir", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--rank" in lines[0] and "1..128" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_help_lists_every_parameter_with_default_and_range():
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in text
+    assert "default: 16; an integer in 1..100000" in text  # steps
+    assert "one of AdamW, Adam, SGD, RMSprop" in text
