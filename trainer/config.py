@@ -57,7 +57,8 @@ class TrainConfig:
     existing_lora: str | None = _param(None, "LoRA .safetensors file to continue (weights and step count)")
 
     # --- added by this trainer ---------------------------------------------------------
-    alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0)",
+    alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0; "
+                                 "none = rank, a scale of 1)",
                                  range=(1e-6, 1e6))
     target_modules: str | None = _param(None, "comma-separated module names to adapt (suffix match); "
                                         "default: the model family's attention projections")
@@ -77,6 +78,13 @@ class TrainConfig:
     save_merged_model: bool = _param(False, "also write model_with_lora/: the base model with the adapter "
                                      "merged, as a diffusers folder")
     num_workers: int = _param(0, "DataLoader worker processes", range=(0, 64))
+    checkpointing_steps: int | None = _param(None, "save a full-state checkpoint (adapter, optimizer, RNG, "
+                                             "progress) every N steps under output_dir/checkpoints",
+                                             range=(1, 100000))
+    checkpoints_total_limit: int | None = _param(None, "keep at most this many checkpoints (oldest removed)",
+                                                 range=(1, 100000))
+    resume_from_checkpoint: str | None = _param(None, "'latest' or a checkpoint folder: continue that run "
+                                                "exactly (--steps counts the whole run)")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -100,23 +108,26 @@ class TrainConfig:
 
 
 def _describe(f: dataclasses.Field) -> str:
-    meta = f.metadata
+    meta, typ = f.metadata, f.type.replace(" | None", "")
+    optional = " or none" if "None" in f.type else ""
     if meta["choices"]:
         return "one of " + ", ".join(meta["choices"])
     if meta["range"]:
         lo, hi = meta["range"]
-        kind = "an integer" if f.type == "int" else "a number"
-        return f"{kind} in {lo:g}..{hi:g}" if f.type != "int" else f"{kind} in {lo}..{hi}"
-    if f.type == "bool":
+        if typ == "int":
+            return f"an integer in {lo}..{hi}{optional}"
+        return f"a number in {lo:g}..{hi:g}{optional}"
+    if typ == "bool":
         return "true or false"
-    return "a string" + (" or none" if "None" in f.type else "")
+    return "a string" + optional
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
     """Convert ``value`` (from YAML, a flag string or Python) to the field's type and check it."""
-    name, meta, typ = f.name, f.metadata, f.type
+    name, meta = f.name, f.metadata
+    typ = f.type.replace(" | None", "")
     bad = ConfigError(f"--{name}: expected {_describe(f)}, got {value!r}")
-    optional = "None" in typ
+    optional = "None" in f.type
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
         if optional:
             return None

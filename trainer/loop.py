@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,9 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .adapters import attach_adapter, export_adapter, get_algorithm
+from .checkpoint import Progress
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader
 from .errors import TrainerError
@@ -26,6 +31,8 @@ from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
 
 logger = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -42,6 +49,22 @@ class TrainResult:
     steps: int
     #: path of the written adapter file, or None when nothing was written
     lora_path: Path | None = None
+    #: why the run ended early ("preempted"), or None when it ran all its steps
+    stopped: str | None = None
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by :func:`setup`."""
+
+    cfg: TrainConfig
+    loaded: Any  # models.LoadedModel
+    data: TrainingData
+    algorithm: Any  # adapters.Algorithm
+    params: list[torch.nn.Parameter]
+    rank: int
+    alpha: float
+    progress: Progress
 
 
 def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: Any = None,
@@ -50,63 +73,118 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     ``cfg`` with in-memory objects (a diffusers model or pipeline, a ``datasets.Dataset``)."""
     started = time.perf_counter()
     accelerator = _make_accelerator(cfg)
+    run = setup(cfg, accelerator, model, latents, positive)
+    family, progress = run.loaded.family, run.progress
+    objective = family.make_objective(run.loaded.scheduler_config, run.loaded.prediction_type, cfg.objective)
+    loss_fn = get_loss(cfg.loss_function)
+    optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
+    checkpoint.register_adapter_hooks(accelerator, progress)
+    denoiser, optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
+    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        logger.info("resumed from %s at step %d of %d", resume, progress.done, cfg.steps)
+
+    sampler = StepBatchSampler(run.data.num_rows, cfg.batch_size, accelerator.num_processes,
+                               cfg.grad_accumulation_steps, cfg.seed, start_step=progress.done,
+                               end_step=max(cfg.steps, progress.done))
+    loader = accelerator.prepare(build_dataloader(run.data, sampler, cfg.seed, cfg.num_workers))
+    history = LossHistory(cfg.steps, progress, accelerator.device)
+    good = checkpoint.snapshot(run.params)  # the adapter to fall back to after a NaN/inf loss
+    bar = tqdm(total=cfg.steps, initial=progress.done, desc="training", disable=not accelerator.is_main_process)
+    micro_loss = torch.zeros((), device=accelerator.device)
+    stopped, failure, train_started, first_step = None, None, time.perf_counter(), progress.done
+    if cfg.report_to != "none":
+        accelerator.init_trackers("lora-trainer", config=cfg.to_dict())
+    with stop_signals() as stop:
+        try:
+            for batch in loader:
+                with accelerator.accumulate(denoiser):
+                    loss = train_step(denoiser, family, objective, loss_fn, batch)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_loss += loss.detach()
+                if not accelerator.sync_gradients:
+                    continue
+                history.record(micro_loss / cfg.grad_accumulation_steps)
+                micro_loss.zero_()
+                bar.update(1)
+                at_log_step = progress.done % cfg.log_every == 0 or progress.done == cfg.steps
+                if at_log_step:
+                    good = log_step(accelerator, run, history, bar, good)
+                if cfg.checkpointing_steps and progress.done % cfg.checkpointing_steps == 0:
+                    history.pull(accelerator)
+                    checkpoint.save_checkpoint(accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
+                if should_stop(accelerator, stop, at_log_step):
+                    stopped = "preempted"
+                    break
+            history.pull(accelerator)
+        except NonFiniteLoss as e:
+            failure = e  # the adapter is back at the last good step: write it, then report
+        bar.close()
+        train_seconds = time.perf_counter() - train_started
+        if stopped:
+            logger.warning("stop signal received: saving a checkpoint and the adapter at step %d", progress.total)
+            checkpoint.save_checkpoint(accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
+
+    samples_per_second = (progress.done - first_step) * sampler.global_batch / max(train_seconds, 1e-9)
+    result = finish(accelerator, run, denoiser, write_outputs, samples_per_second, time.perf_counter() - started)
+    if failure is not None:
+        raise failure
+    result.stopped = stopped
+    return result
+
+
+def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
+    """Load the model and data, attach the adapter (fresh or from ``existing_lora``)."""
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config)
     family, denoiser = loaded.family, loaded.denoiser
     data = TrainingData(cfg.latents if latents is None else latents,
                         cfg.positive if positive is None else positive, family, denoiser)
+    algorithm_name, rank = cfg.algorithm, cfg.rank
+    alpha = float(cfg.rank) if cfg.alpha is None else cfg.alpha
+    targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
+    rank_pattern = alpha_pattern = existing = None
+    progress = Progress()
+    if cfg.existing_lora is not None:
+        from .adapters.formats import read_existing_adapter
 
-    algorithm = get_algorithm(cfg.algorithm)
-    targets = cfg.target_modules.split(",") if cfg.target_modules else list(family.default_targets)
-    params = attach_adapter(denoiser, algorithm, cfg.rank, cfg.alpha, [t.strip() for t in targets], cfg.seed)
+        existing = read_existing_adapter(cfg.existing_lora, denoiser, family)
+        algorithm_name, rank, alpha, targets, rank_pattern, alpha_pattern = _continue_settings(cfg, existing)
+        progress.base = existing.steps
+    algorithm = get_algorithm(algorithm_name)
+    params = attach_adapter(denoiser, algorithm, rank, alpha, targets, cfg.seed, rank_pattern, alpha_pattern)
+    if existing is not None:
+        from .adapters import adapter_layers
+
+        layers = adapter_layers(denoiser)
+        for name, tensors in existing.modules.items():
+            algorithm.import_layer(layers[name], tensors)
+        logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
+                    algorithm_name, len(existing.modules), existing.steps)
     if cfg.training_dtype == "bf16":
         _cast_frozen(denoiser, torch.bfloat16)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
+    return Run(cfg, loaded, data, algorithm, params, rank, alpha, progress)
 
-    objective = family.make_objective(loaded.scheduler_config, loaded.prediction_type, cfg.objective)
-    loss_fn = get_loss(cfg.loss_function)
-    optimizer = build_optimizer(cfg.optimizer, params, cfg.learning_rate)
-    sampler = StepBatchSampler(data.num_rows, cfg.batch_size, accelerator.num_processes,
-                               cfg.grad_accumulation_steps, cfg.seed, start_step=0, end_step=cfg.steps)
-    loader = build_dataloader(data, sampler, cfg.seed, cfg.num_workers)
-    denoiser, optimizer, loader = accelerator.prepare(denoiser, optimizer, loader)
 
-    history = LossHistory(cfg.steps, accelerator.device)
-    progress = tqdm(total=cfg.steps, desc="training", disable=not accelerator.is_main_process)
-    step, micro_loss = 0, torch.zeros((), device=accelerator.device)
-    train_started = time.perf_counter()
-    for batch in loader:
-        with accelerator.accumulate(denoiser):
-            loss = train_step(denoiser, family, objective, loss_fn, batch)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_loss += loss.detach()
-        if not accelerator.sync_gradients:
-            continue
-        history.record(step, micro_loss / cfg.grad_accumulation_steps)
-        micro_loss.zero_()
-        step += 1
-        progress.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            log_step(accelerator, history, progress, step, params)
-    progress.close()
-    train_seconds = time.perf_counter() - train_started
-
-    unwrapped = accelerator.unwrap_model(denoiser)
-    unwrapped.eval()
-    lora = export_adapter(unwrapped, algorithm, family.kohya_prefix, _DTYPES[cfg.lora_dtype])
-    loss_map = {"loss": history.losses, "step": list(range(1, step + 1))}
-    result = TrainResult(unwrapped, lora, loss_map, step)
-    if write_outputs and accelerator.is_main_process:
-        samples = step * sampler.global_batch
-        result.lora_path = write_run_outputs(cfg, loaded, family, algorithm, unwrapped, lora, loss_map, step,
-                                             samples / train_seconds, time.perf_counter() - started)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+def _continue_settings(cfg: TrainConfig, existing):
+    """Algorithm, rank, alpha and targets from the continued file; differing flags are reported, the file wins."""
+    ranks, alphas = existing.ranks, existing.alphas
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    file_values = {"algorithm": existing.algorithm, "rank": rank, "alpha": alpha}
+    for name, value in file_values.items():
+        flag = getattr(cfg, name)
+        if flag is not None and flag != value:
+            logger.warning("--existing_lora: the file has %s=%s; using it instead of --%s %s", name, value, name, flag)
+    rank_pattern = {n: r for n, r in ranks.items() if r != rank} or None
+    alpha_pattern = {n: a for n, a in alphas.items() if a != alpha} or None
+    return existing.algorithm, rank, alpha, list(existing.modules), rank_pattern, alpha_pattern
 
 
 def train_step(model, family, objective, loss_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -122,33 +200,122 @@ def train_step(model, family, objective, loss_fn, batch: dict[str, torch.Tensor]
 class LossHistory:
     """Per-step losses kept on the device and read back only when logged (one host sync per log)."""
 
-    def __init__(self, steps: int, device: torch.device):
-        self.buffer = torch.zeros(steps, device=device)
-        self.losses: list[float] = []
+    def __init__(self, steps: int, progress: Progress, device: torch.device):
+        self.buffer = torch.zeros(max(steps, progress.done), device=device)
+        self.progress = progress
 
-    def record(self, step_index: int, loss: torch.Tensor) -> None:
-        self.buffer[step_index] = loss
+    def record(self, loss: torch.Tensor) -> None:
+        self.buffer[self.progress.done] = loss
+        self.progress.done += 1
 
-    def pull(self, accelerator: Accelerator, upto: int) -> list[float]:
-        """Average the unread steps over processes and bring them to the host."""
-        window = accelerator.reduce(self.buffer[len(self.losses):upto].clone(), reduction="mean")
+    def pull(self, accelerator: Accelerator) -> list[float]:
+        """Average the unread steps over processes, bring them to the host, append to the progress."""
+        losses = self.progress.losses
+        if len(losses) >= self.progress.done:
+            return []
+        window = accelerator.reduce(self.buffer[len(losses):self.progress.done].clone(), reduction="mean")
         new = window.tolist()  # note: this is a device-to-host sync point
-        self.losses.extend(new)
+        losses.extend(new)
         return new
 
 
-def log_step(accelerator, history: LossHistory, progress, step: int, params) -> None:
-    first = len(history.losses) + 1
-    new = history.pull(accelerator, step)
+def log_step(accelerator, run: Run, history: LossHistory, bar, good: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pull the losses since the last log; stop on a NaN/inf (rolling back to ``good``), else return a new
+    snapshot of the adapter as the last good state."""
+    progress = run.progress
+    first = len(progress.losses)
+    new = history.pull(accelerator)
     for offset, value in enumerate(new):
         if not math.isfinite(value):
-            raise TrainerError(f"the loss became {value} at step {first + offset}; stopping "
-                               "(lower learning_rate, or check the data)")
-    progress.set_postfix(loss=f"{new[-1]:.4f}")
-    accelerator.log({"loss": new[-1]}, step=step)
+            checkpoint.restore(run.params, good)
+            bad_step = progress.base + first + offset + 1
+            del progress.losses[first:]
+            progress.done = first
+            raise NonFiniteLoss(f"the loss became {value} at step {bad_step}; stopped, the adapter of step "
+                                f"{progress.total} is kept (lower learning_rate, or check the data)")
+    bar.set_postfix(loss=f"{new[-1]:.4f}")
+    accelerator.log({"loss": new[-1]}, step=progress.total)
+    return checkpoint.snapshot(run.params)
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+class NonFiniteLoss(TrainerError):
+    """The loss became NaN or inf; the adapter was rolled back to the last finite step."""
+
+
+@contextmanager
+def stop_signals():
+    """Turn SIGTERM/SIGINT (cluster preemption, Ctrl-C) into a flag the loop checks between steps."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be installed from the main thread
+        return
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def should_stop(accelerator: Accelerator, stop: threading.Event, at_log_step: bool) -> bool:
+    """Whether every process should stop now. One process alone: the local flag, no sync. Several: they
+    must agree, which is a collective, so it is checked at log steps only."""
+    if accelerator.num_processes == 1:
+        return stop.is_set()
+    if not at_log_step:
+        return False
+    if stop.is_set():
+        accelerator.set_trigger()
+    return accelerator.check_trigger()
+
+
+def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_second: float,
+           wall_seconds: float) -> TrainResult:
+    cfg, progress = run.cfg, run.progress
+    model = accelerator.unwrap_model(denoiser)
+    model.eval()
+    lora = export_adapter(model, run.algorithm, run.loaded.family.kohya_prefix, _DTYPES[cfg.lora_dtype])
+    loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
+    result = TrainResult(model, lora, loss_map, progress.total)
+    if write_outputs and accelerator.is_main_process:
+        result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds) -> Path:
+    cfg, family, algorithm, steps = run.cfg, run.loaded.family, run.algorithm, run.progress.total
+    out = Path(cfg.output_dir)
+    lora_path = out / f"{cfg.output_name}.safetensors"
+    metadata = {
+        "ss_steps": str(steps),
+        "ss_network_dim": str(run.rank),
+        "ss_network_alpha": str(run.alpha),
+        "ss_network_module": algorithm.network_module,
+        "ss_network_args": json.dumps(algorithm.network_args(run.rank, run.alpha)),
+        "ss_base_model_version": family.base_model_version(model),
+        "ss_sd_model_name": Path(run.loaded.source).name,
+        "ss_seed": str(cfg.seed),
+        "ss_learning_rate": str(cfg.learning_rate),
+        "trainer_algorithm": algorithm.name,
+        "trainer_family": family.name,
+        "trainer_config": cfg.to_json(),
+    }
+    save_adapter_file(lora_path, lora, metadata)
+    write_json(out / "loss.json", loss_map)
+    plot_loss(out / "loss.png", loss_map["step"], loss_map["loss"],
+              f"{cfg.output_name}: {algorithm.name} rank {run.rank}, {family.name}")
+    if cfg.save_merged_model:
+        save_merged_model(model, run.loaded.source, run.loaded.kind, run.loaded.extra.get("subfolder"), out)
+    write_json(out / "result.json", {
+        "steps": steps,
+        "lora": str(lora_path),
+        "final_loss": loss_map["loss"][-1] if loss_map["loss"] else None,
+        "samples_per_second": samples_per_second,
+        "wall_seconds": wall_seconds,
+    })
+    return lora_path
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -168,39 +335,6 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accumulation_steps,
         mixed_precision="bf16" if cfg.training_dtype == "bf16" else "no",
         log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                            logging_dir=str(Path(cfg.output_dir) / "logs")),
     )
-
-
-def write_run_outputs(cfg, loaded, family, algorithm, model, lora, loss_map, steps, samples_per_second,
-                      wall_seconds) -> Path:
-    out = Path(cfg.output_dir)
-    lora_path = out / f"{cfg.output_name}.safetensors"
-    metadata = {
-        "ss_steps": str(steps),
-        "ss_network_dim": str(cfg.rank),
-        "ss_network_alpha": str(cfg.alpha),
-        "ss_network_module": algorithm.network_module,
-        "ss_network_args": json.dumps(algorithm.network_args(cfg.rank, cfg.alpha)),
-        "ss_base_model_version": family.base_model_version(model),
-        "ss_sd_model_name": Path(loaded.source).name,
-        "ss_seed": str(cfg.seed),
-        "ss_learning_rate": str(cfg.learning_rate),
-        "trainer_algorithm": algorithm.name,
-        "trainer_family": family.name,
-        "trainer_config": cfg.to_json(),
-    }
-    save_adapter_file(lora_path, lora, metadata)
-    write_json(out / "loss.json", loss_map)
-    plot_loss(out / "loss.png", loss_map["step"], loss_map["loss"],
-              f"{cfg.output_name}: {algorithm.name} rank {cfg.rank}, {family.name}")
-    if cfg.save_merged_model:
-        save_merged_model(model, loaded.source, loaded.kind, loaded.extra.get("subfolder"), out)
-    write_json(out / "result.json", {
-        "steps": steps,
-        "lora": str(lora_path),
-        "final_loss": loss_map["loss"][-1] if loss_map["loss"] else None,
-        "samples_per_second": samples_per_second,
-        "wall_seconds": wall_seconds,
-    })
-    return lora_path

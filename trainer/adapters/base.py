@@ -52,6 +52,11 @@ class Algorithm:
         """Extra ``ss_network_args`` for the metadata (LyCORIS tools read ``algo`` from it)."""
         return {}
 
+    def add_adapter(self, model: torch.nn.Module, config: PeftConfig) -> None:
+        """Insert the adapter layers ``config`` describes into ``model``, in place (diffusers' peft
+        integration by default; an algorithm whose layers peft does not have brings its own tuner)."""
+        model.add_adapter(config, adapter_name=ADAPTER_NAME)
+
 
 def attach_adapter(model: torch.nn.Module, algorithm: Algorithm, rank: int, alpha: float, targets: list[str],
                    seed: int, rank_pattern: dict[str, int] | None = None,
@@ -66,7 +71,7 @@ def attach_adapter(model: torch.nn.Module, algorithm: Algorithm, rank: int, alph
     with torch.random.fork_rng(devices=[]):  # peft draws its init from the global RNG
         torch.manual_seed(seed)
         try:
-            model.add_adapter(config, adapter_name=ADAPTER_NAME)
+            algorithm.add_adapter(model, config)
         except ValueError as e:
             if "not found in the base model" in str(e) or "Target modules" in str(e):
                 raise TrainerError(f"--target_modules: no module of the model matches {', '.join(targets)}") from None
