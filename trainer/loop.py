@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .adapters import attach_adapter, export_adapter, get_algorithm
+from .adapters import adapter_layers, attach_adapter, export_adapter, get_algorithm
 from .checkpoint import Progress
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader
@@ -65,6 +65,8 @@ class Run:
     rank: int
     alpha: float
     progress: Progress
+    #: full offsets of a continued file (module path -> {"diff", "diff_b"}), carried into the output
+    offsets: dict[str, dict[str, torch.Tensor]]
 
 
 def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: Any = None,
@@ -143,22 +145,21 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     family, denoiser = loaded.family, loaded.denoiser
     data = TrainingData(cfg.latents if latents is None else latents,
                         cfg.positive if positive is None else positive, family, denoiser)
-    algorithm_name, rank = cfg.algorithm, cfg.rank
-    alpha = float(cfg.rank) if cfg.alpha is None else cfg.alpha
     targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
-    rank_pattern = alpha_pattern = existing = None
-    progress = Progress()
+    attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
+    algorithm_name, existing, progress = cfg.algorithm, None, Progress()
     if cfg.existing_lora is not None:
         from .adapters.formats import read_existing_adapter
 
         existing = read_existing_adapter(cfg.existing_lora, denoiser, family)
-        algorithm_name, rank, alpha, targets, rank_pattern, alpha_pattern = _continue_settings(cfg, existing)
+        attach = existing.attach_arguments()
+        algorithm_name = existing.algorithm
+        _report_overrides(cfg, algorithm_name, attach)
+        _apply_offsets(denoiser, existing.deltas)
         progress.base = existing.steps
     algorithm = get_algorithm(algorithm_name)
-    params = attach_adapter(denoiser, algorithm, rank, alpha, targets, cfg.seed, rank_pattern, alpha_pattern)
+    params = attach_adapter(denoiser, algorithm, seed=cfg.seed, **attach)
     if existing is not None:
-        from .adapters import adapter_layers
-
         layers = adapter_layers(denoiser)
         for name, tensors in existing.modules.items():
             algorithm.import_layer(layers[name], tensors)
@@ -169,22 +170,29 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    return Run(cfg, loaded, data, algorithm, params, rank, alpha, progress)
+    offsets = existing.deltas if existing is not None else {}
+    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
 
 
-def _continue_settings(cfg: TrainConfig, existing):
-    """Algorithm, rank, alpha and targets from the continued file; differing flags are reported, the file wins."""
-    ranks, alphas = existing.ranks, existing.alphas
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-    file_values = {"algorithm": existing.algorithm, "rank": rank, "alpha": alpha}
-    for name, value in file_values.items():
+def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
+    """A continued file decides algorithm, rank and alpha; say so where the flags differ."""
+    for name, value in (("algorithm", algorithm), ("rank", attach["rank"]), ("alpha", attach["alpha"])):
         flag = getattr(cfg, name)
         if flag is not None and flag != value:
             logger.warning("--existing_lora: the file has %s=%s; using it instead of --%s %s", name, value, name, flag)
-    rank_pattern = {n: r for n, r in ranks.items() if r != rank} or None
-    alpha_pattern = {n: a for n, a in alphas.items() if a != alpha} or None
-    return existing.algorithm, rank, alpha, list(existing.modules), rank_pattern, alpha_pattern
+
+
+@torch.no_grad()
+def _apply_offsets(model: torch.nn.Module, deltas: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Add a continued file's full offsets (ComfyUI's ``diff``/``diff_b`` on norms and biases) to the
+    frozen weights, so training continues from the model the file describes."""
+    modules = dict(model.named_modules())
+    for name, offsets in deltas.items():
+        module = modules[name]
+        for key, attr in (("diff", "weight"), ("diff_b", "bias")):
+            if key in offsets:
+                param = getattr(module, attr)
+                param.add_(offsets[key].to(param.dtype).reshape(param.shape))
 
 
 def train_step(model, family, objective, loss_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -274,7 +282,11 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     cfg, progress = run.cfg, run.progress
     model = accelerator.unwrap_model(denoiser)
     model.eval()
-    lora = export_adapter(model, run.algorithm, run.loaded.family.kohya_prefix, _DTYPES[cfg.lora_dtype])
+    prefix, dtype = run.loaded.family.kohya_prefix, _DTYPES[cfg.lora_dtype]
+    lora = export_adapter(model, run.algorithm, prefix, dtype)
+    for name, offsets in run.offsets.items():  # unchanged: ComfyUI reads them under kohya names too
+        for key, tensor in offsets.items():
+            lora[f"{prefix}{name.replace('.', '_')}.{key}"] = tensor.to(dtype).contiguous()
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
     result = TrainResult(model, lora, loss_map, progress.total)
     if write_outputs and accelerator.is_main_process:
