@@ -188,3 +188,22 @@ def test_demo_runs_end_to_end(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"lora.safetensors", "loss.json", "loss.png", "result.json"}
     assert json.loads((out / "result.json").read_text())["steps"] == 16
     assert len(json.loads((out / "loss.json").read_text())["loss"]) == 16
+
+
+def test_single_file_checkpoint_loads_with_its_config(tmp_path, pipeline_dir):
+    """An original-layout (LDM) .safetensors checkpoint loads through diffusers' single-file loader."""
+    from safetensors.torch import save_file
+
+    from trainer.models import load_model
+    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+
+    unet = build_demo_model()
+    path = tmp_path / "model.safetensors"
+    save_file(diffusers_to_ldm_state_dict(unet), str(path))
+    loaded = load_model(str(path), model_config=str(pipeline_dir))
+    assert loaded.kind == "single_file" and loaded.family.name == "sd"
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.denoiser(x, t, c).sample, unet(x, t, c).sample)
+    res = train_lora(str(path), make_dataset(), model_config=str(pipeline_dir / "unet"), **FAST)
+    assert res.steps == 2
