@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from .config import parse_args
@@ -15,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # only the main process reports (accelerate launch / torchrun set RANK on every process)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
     from .loop import train  # heavy imports (torch, diffusers) only after the parameters are valid
 
     try:
