@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -337,6 +338,17 @@ def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
+def _cpu_only_multiprocess() -> bool:
+    """Several processes (torchrun set WORLD_SIZE) on a machine without any accelerator: run them on
+    the CPU over gloo. accelerate's own CPU launcher needs MPI; its multi-GPU launcher (torchrun)
+    works everywhere, but then accelerate must be told that there is no GPU to bind to."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerators = (torch.cuda.is_available(), getattr(torch, "xpu", None) is not None and torch.xpu.is_available(),
+                    torch.backends.mps.is_available())
+    return not any(accelerators)
+
+
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     if PartialState._shared_state and PartialState().num_processes == 1:
         # a library caller may train several times in one process with different precisions;
@@ -344,6 +356,7 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         AcceleratorState._reset_state()
         GradientState._reset_state()
     return Accelerator(
+        cpu=_cpu_only_multiprocess(),
         gradient_accumulation_steps=cfg.grad_accumulation_steps,
         mixed_precision="bf16" if cfg.training_dtype == "bf16" else "no",
         log_with=None if cfg.report_to == "none" else cfg.report_to,
