@@ -97,3 +97,18 @@ def test_help_lists_every_parameter_with_default_and_range():
         assert f"--{name}" in text
     assert "default: 16; an integer in 1..100000" in text  # steps
     assert "one of AdamW, Adam, SGD, RMSprop" in text
+
+
+def test_example_config_parses():
+    cfg = parse_args(["--config", str(ROOT / "configs" / "example.yaml")])
+    assert cfg.steps == 32 and cfg.alpha == 8.0
+
+
+def test_missing_tracker_is_a_clear_error(monkeypatch):
+    import accelerate.utils
+
+    from trainer import TrainerError, train_lora
+
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
+    with pytest.raises(TrainerError, match="tensorboard is not installed"):
+        train_lora(report_to="tensorboard", steps=1)

@@ -207,3 +207,22 @@ def test_single_file_checkpoint_loads_with_its_config(tmp_path, pipeline_dir):
         torch.testing.assert_close(loaded.denoiser(x, t, c).sample, unet(x, t, c).sample)
     res = train_lora(str(path), make_dataset(), model_config=str(pipeline_dir / "unet"), **FAST)
     assert res.steps == 2
+
+
+def test_merged_model_is_a_pipeline_folder_with_the_same_effect(pipeline_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    res = train_lora(str(pipeline_dir), make_dataset(), rank=4, alpha=4.0, learning_rate=0.02,
+                     output_dir=str(tmp_path), save_merged_model=True, **FAST)
+    merged = tmp_path / "model_with_lora"
+    assert (merged / "model_index.json").is_file() and (merged / "vae").is_dir()
+    unet = UNet2DConditionModel.from_pretrained(merged / "unet")
+    x, t, c = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, c).sample, res.model_with_lora(x, t, c).sample, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_dataloader_workers_give_the_same_run():
+    a, b = run(num_workers=0), run(num_workers=2)
+    assert torch.equal(adapter_vector(a), adapter_vector(b)) and a.loss == b.loss

@@ -350,6 +350,14 @@ def _cpu_only_multiprocess() -> bool:
 
 
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    wanted = list(available) if cfg.report_to == "all" else [cfg.report_to] if cfg.report_to in available else []
+    missing = [name for name in wanted if not available[name]]
+    if missing:
+        raise TrainerError(f"--report_to {cfg.report_to}: {', '.join(missing)} is not installed "
+                           f"(pip install {' '.join(missing)})")
     if PartialState._shared_state and PartialState().num_processes == 1:
         # a library caller may train several times in one process with different precisions;
         # accelerate keeps its state process-wide, so start each single-process run afresh
