@@ -6,6 +6,7 @@ exporting and importing go through that interface, so the loop never special-cas
 
 from .base import ADAPTER_NAME, ALGORITHMS, Algorithm, adapter_layers, attach_adapter, export_adapter, get_algorithm
 from . import lora  # noqa: F401  (registers the algorithm)
+from . import loha, lokr, oft  # noqa: F401  (register the algorithms)
 
 __all__ = ["ADAPTER_NAME", "ALGORITHMS", "Algorithm", "adapter_layers", "attach_adapter", "export_adapter",
            "get_algorithm"]

@@ -48,6 +48,10 @@ class Algorithm:
         """The layer's adapter as file tensors, keyed by suffix (``lora_down.weight``, ``alpha``, ...)."""
         raise NotImplementedError
 
+    def rank_from_tensors(self, tensors: dict[str, torch.Tensor]) -> int:
+        """The ``rank`` (for ``rank_pattern``) whose fresh adapter has this module's file tensor shapes."""
+        raise NotImplementedError
+
     def network_args(self, rank: int, alpha: float) -> dict[str, str]:
         """Extra ``ss_network_args`` for the metadata (LyCORIS tools read ``algo`` from it)."""
         return {}
@@ -80,6 +84,15 @@ def attach_adapter(model: torch.nn.Module, algorithm: Algorithm, rank: int, alph
     for p in params:
         p.data = p.data.float()  # fp32 master weights: small updates are not lost to bf16 rounding
     return params
+
+
+def load_tensor(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    """Copy a file tensor into an adapter parameter, in place; trailing dims may be flattened
+    (``[r, c, k, k]`` fills ``[r, c*k*k]``). Raises :class:`TrainerError` on any other shape."""
+    if tensor.shape[:1] != param.shape[:1] or tensor.numel() != param.numel():
+        raise TrainerError(f"{name}: the file holds shape {tuple(tensor.shape)} where the adapter has "
+                           f"{tuple(param.shape)}")
+    param.copy_(tensor.reshape(param.shape))
 
 
 def adapter_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
