@@ -43,7 +43,8 @@ class TrainConfig:
     grad_accumulation_steps: int = _param(1, "micro-batches per optimizer step", range=(1, 1024))
     steps: int = _param(16, "optimizer steps to train in this run", range=(1, 100000))
     learning_rate: float = _param(0.0005, "optimizer learning rate", range=(1e-7, 1.0))
-    rank: int = _param(8, "adapter rank (LoRA/LoHa rank, LoKr factor, OFT block count)", range=(1, 128))
+    rank: int = _param(8, "adapter rank (LoRA/LoHa: rank of the update; LoKr: rank of w2; OFT: "
+                    "the LyCORIS factor, about the block size)", range=(1, 128))
     optimizer: str = _param("AdamW", "optimizer", choices=("AdamW", "Adam", "SGD", "RMSprop"))
     loss_function: str = _param("MSE", "loss between prediction and target",
                                 choices=("MSE", "L1", "Huber", "SmoothL1"))
@@ -58,7 +59,7 @@ class TrainConfig:
 
     # --- added by this trainer ---------------------------------------------------------
     alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0; "
-                                 "none = rank, a scale of 1)",
+                                 "none = rank, a scale of 1); for OFT the norm constraint (0 = none)",
                                  range=(1e-6, 1e6))
     target_modules: str | None = _param(None, "comma-separated module names to adapt (suffix match); "
                                         "default: the model family's attention projections")

@@ -416,22 +416,7 @@ def _algorithm(modules: dict[str, dict[str, torch.Tensor]], metadata: dict[str, 
 def _rank(algorithm: str, t: dict[str, torch.Tensor]) -> int:
     """The rank to build this module's adapter with: the registered algorithm decides, so that a
     fresh adapter of that rank has the file's shapes (e.g. full-matrix LoKr factors)."""
-    registered = getattr(ALGORITHMS.get(algorithm), "rank_from_tensors", None)
-    if registered is not None:
-        try:
-            return int(registered(t))
-        except NotImplementedError:
-            pass
-    if algorithm == "LoRA":
-        return t["lora_down.weight"].shape[0]
-    if algorithm == "LoHa":
-        return t["hada_w1_b"].shape[0]
-    if algorithm == "LoKr":
-        for name in ("lokr_w2_b", "lokr_w1_b"):
-            if name in t:
-                return t[name].shape[0]
-        return max(t["lokr_w2"].shape)  # full-matrix factors: diffusers' convention for their rank
-    return t["oft_blocks"].shape[-1]  # LyCORIS and ComfyUI size OFT blocks by the rank
+    return int(ALGORITHMS[algorithm].rank_from_tensors(t))
 
 
 def _alpha(algorithm: str, group: dict[str, torch.Tensor], rank: int) -> float | None:

@@ -25,6 +25,9 @@ class LoRA(Algorithm):
             "alpha": torch.tensor(float(layer.lora_alpha[ADAPTER_NAME])),
         }
 
+    def rank_from_tensors(self, tensors):
+        return tensors["lora_down.weight"].shape[0]
+
     @torch.no_grad()
     def import_layer(self, layer, tensors):
         down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight

@@ -1,0 +1,16 @@
+"""Smoke test: the benchmark runs end to end on tiny sizes (it measures; it asserts nothing about speed)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_runs_and_prints_every_section():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--no_record"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for title in ("Overhead", "Data", "Memory"):
+        assert f"**{title}" in proc.stdout
+    assert "speed ratio" in proc.stdout and "headroom" in proc.stdout
