@@ -367,6 +367,7 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=_cpu_only_multiprocess(),
         gradient_accumulation_steps=cfg.grad_accumulation_steps,
         mixed_precision="bf16" if cfg.training_dtype == "bf16" else "no",
+        dynamo_backend="inductor" if cfg.compile else "no",
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir,
                                             logging_dir=str(Path(cfg.output_dir) / "logs")),
