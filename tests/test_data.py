@@ -8,7 +8,7 @@ import torch
 from conftest import FAST, make_dataset
 
 from trainer import train_lora
-from trainer.data import StepBatchSampler, TrainingData
+from trainer.data import LatentBatches, StepBatchSampler, TrainingData
 from trainer.demo import build_demo_model
 from trainer.errors import TrainerError
 from trainer.models import get_family
@@ -83,14 +83,58 @@ def test_nan_row_is_named():
         training_data(bad)
 
 
-def test_mixed_shapes_without_buckets_is_an_error():
+def mixed_shapes(shapes, seed=0):
+    """A dataset whose rows have these latent shapes (nested lists: no fixed-shape feature fits)."""
     from datasets import Dataset
 
-    rows = [np.zeros((4, 16, 16), np.float32), np.zeros((4, 8, 16), np.float32)]
-    ds = Dataset.from_dict({"latents": [r.tolist() for r in rows],
-                            "prompt_embeds": [np.zeros((8, 32), np.float32).tolist()] * 2})
-    with pytest.raises(TrainerError, match="row 1 has shape .* bucketing"):
-        training_data(ds)
+    g = torch.Generator().manual_seed(seed)
+    return Dataset.from_dict({"latents": [torch.randn(*s, generator=g).numpy() for s in shapes],
+                              "prompt_embeds": [torch.randn(8, 32, generator=g).numpy() for _ in shapes]})
+
+
+def test_mixed_shapes_are_grouped_by_shape_and_never_mixed_in_a_batch():
+    """Several latent shapes are buckets: each global batch (so each micro-batch) holds one shape."""
+    shapes = [(4, 16, 16), (4, 8, 16), (4, 16, 16), (4, 8, 16), (4, 16, 16), (4, 16, 8)]
+    data = training_data(mixed_shapes(shapes))
+    assert data.buckets == [[1, 3], [5], [0, 2, 4]]  # ordered by shape: 8x16, 16x8, 16x16
+    sampler = StepBatchSampler(data.buckets, 1, 2, 1, seed=0, start_step=0, end_step=12)
+    micro = list(sampler)
+    for step in range(12):
+        rows = [r for mb in micro[2 * step:2 * step + 2] for _, r in mb]
+        assert len({shapes[r] for r in rows}) == 1 and len(set(rows)) == 2
+        batch = LatentBatches(data, seed=0).__getitems__(micro[2 * step])
+        assert batch["latents"].shape[0] == 1
+    assert 5 not in {r for mb in micro for _, r in mb}  # its bucket cannot fill a global batch of 2
+
+
+def test_buckets_smaller_than_the_global_batch():
+    data = training_data(mixed_shapes([(4, 16, 16)] * 2 + [(4, 8, 16)] * 3))
+    with pytest.raises(TrainerError, match="larger than every group of rows with one latent shape"):
+        StepBatchSampler(data.buckets, 4, 1, 1, seed=0, start_step=0, end_step=1)
+
+
+def test_mixed_channel_counts_are_an_error():
+    with pytest.raises(TrainerError, match="row 1 has 8 latent channels but row 0 has 4"):
+        training_data(mixed_shapes([(4, 16, 16), (8, 16, 16)]))
+
+
+@pytest.mark.parametrize("batch, procs, accum", [(2, 2, 1), (2, 1, 2), (1, 2, 2)])
+def test_bucketed_sampler_does_not_depend_on_the_split(batch, procs, accum):
+    buckets = [[0, 3, 6, 9, 12], [1, 4, 7, 10, 13, 2, 5], [8, 11, 14, 15]]
+    reference = list(StepBatchSampler(buckets, 4, 1, 1, seed=5, start_step=0, end_step=9))
+    micro = list(StepBatchSampler(buckets, batch, procs, accum, seed=5, start_step=0, end_step=9))
+    per_step = procs * accum
+    shape_of = {r: b for b, rows in enumerate(buckets) for r in rows}
+    for step in range(9):
+        keys = [k for mb in micro[step * per_step:(step + 1) * per_step] for k in mb]
+        assert keys == reference[step]
+        assert len({shape_of[r] for _, r in keys}) == 1
+
+
+def test_bucketed_training_runs():
+    ds = mixed_shapes([(4, 16, 16), (4, 8, 16)] * 3)
+    result = train_lora("demo", ds, batch_size=2, **{**FAST, "steps": 3})
+    assert len(result.loss["loss"]) == 3 and all(np.isfinite(result.loss["loss"]))
 
 
 def test_missing_path():

@@ -9,6 +9,8 @@
   seed alone, so 1 process x batch 4, 2 processes x batch 2 and 1 process x batch 2 x 2
   accumulation steps see the same samples. Each sample also carries its *stream position*, from
   which its noise and timestep draw are derived: those are per sample, never per process.
+- Rows whose latents differ in height/width (aspect-ratio buckets) are always batched by shape:
+  every global batch comes from one bucket, so shapes are never mixed in a batch.
 """
 
 from __future__ import annotations
@@ -144,7 +146,9 @@ class TrainingData:
         self.columns = self._conditioning_columns(positive)
         needed = [LATENTS] + [c.name for c in self.columns if c.table is None]
         self.table = self.dataset.select_columns(needed).with_format("numpy")
-        shapes = self._scan()
+        shapes, groups = self._scan()
+        #: row indices per latent shape (bucket), ordered by shape
+        self.buckets: list[list[int]] = [groups[shape] for shape in sorted(groups)]
         self.latent_shape = shapes[LATENTS]
         channels = self.latent_shape[0]
         expected = family.latent_channels(model)
@@ -178,15 +182,21 @@ class TrainingData:
             columns.append(Column(name, table))
         return columns
 
-    def _scan(self) -> dict[str, tuple[int, ...]]:
-        """Read every row once: one shape per column, all values finite. Returns the shapes."""
+    def _scan(self) -> tuple[dict[str, tuple[int, ...]], dict[tuple[int, ...], list[int]]]:
+        """Read every row once: all values finite, one shape per conditioning column, latents of one
+        channel count. Returns the shapes (the first latent shape) and the rows of each latent shape."""
         shapes: dict[str, tuple[int, ...]] = {c.name: tuple(c.table.shape[1:]) for c in self.columns
                                               if c.table is not None}
+        groups: dict[tuple[int, ...], list[int]] = {}
         names = self.table.column_names
         for start in range(0, self.num_rows, _SCAN_CHUNK):
             chunk = self.table[start:start + _SCAN_CHUNK]
             for name in names:
                 rows = _as_rows(chunk[name], name, start)
+                if name == LATENTS:
+                    _group_by_shape(rows, start, groups)
+                    _check_finite(rows, f"--latents: column '{name}'", start)
+                    continue
                 for i, row in enumerate(rows):
                     where = f"--latents: column '{name}', row {start + i}"
                     shape = tuple(row.shape)
@@ -194,15 +204,23 @@ class TrainingData:
                         shapes[name] = shape
                     elif shapes[name] != shape:
                         raise TrainerError(f"{where} has shape {shape} but earlier rows have {shapes[name]}: "
-                                           "rows of different shapes need bucketing")
+                                           "conditioning must have one shape in every row")
                 _check_finite(rows, f"--latents: column '{name}'", start)
-        if len(shapes[LATENTS]) != 3:
-            raise TrainerError(f"--latents: latents must be [C, H, W] per row, got shape {shapes[LATENTS]}")
+        shapes[LATENTS] = next(iter(groups))
+        for shape, rows in groups.items():
+            if len(shape) != 3:
+                raise TrainerError(f"--latents: latents must be [C, H, W] per row, got shape {shape} in row {rows[0]}")
+            if shape[0] != shapes[LATENTS][0]:
+                raise TrainerError(f"--latents: row {rows[0]} has {shape[0]} latent channels but row 0 has "
+                                   f"{shapes[LATENTS][0]}: every row must come from the same VAE")
+        if len(groups) > 1:
+            logger.info("latents come in %d shapes (buckets): %s; each batch holds one shape", len(groups),
+                        ", ".join(f"{'x'.join(map(str, s))}: {len(r)} rows" for s, r in sorted(groups.items())))
         for c in self.columns:
             want = self.family.conditioning[c.name]
             if len(shapes[c.name]) != want:
                 raise TrainerError(f"'{c.name}' rows must have {want} dimensions, got shape {shapes[c.name]}")
-        return shapes
+        return shapes, groups
 
     def rows(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """Latents and conditioning of these rows, stacked, in fp32 on the CPU."""
@@ -231,6 +249,14 @@ def _as_rows(values, name: str, start: int) -> list[np.ndarray] | np.ndarray:
         except (ValueError, TypeError):
             raise TrainerError(f"--latents: column '{name}', row {start + i} is not a numeric array") from None
     return rows
+
+
+def _group_by_shape(rows, start: int, groups: dict[tuple[int, ...], list[int]]) -> None:
+    if isinstance(rows, np.ndarray):  # a fixed-shape chunk: one shape for all of it
+        groups.setdefault(tuple(rows.shape[1:]), []).extend(range(start, start + len(rows)))
+        return
+    for i, row in enumerate(rows):
+        groups.setdefault(tuple(row.shape), []).append(start + i)
 
 
 def _check_finite(rows, where: str, start: int) -> None:
@@ -269,25 +295,43 @@ class StepBatchSampler:
     ``s*G .. (s+1)*G - 1`` with ``G = batch_size * num_processes * accumulation``, split into
     ``accumulation * num_processes`` consecutive micro-batches. Accelerate's ``BatchSamplerShard``
     hands micro-batch ``k`` to process ``k % num_processes``, which is the layout assumed here.
+
+    ``rows`` is the row count, or the row indices of each bucket (rows of one latent shape). With
+    several buckets each epoch permutes every bucket, cuts it into whole global batches and shuffles
+    the order of all those batches: every global batch, hence every micro-batch on every process,
+    holds one shape, and the stream does not depend on how G is split. A bucket with fewer rows
+    than G is left out (with a warning); one bucket behaves exactly as a plain row count.
     """
 
     drop_last = True
 
-    def __init__(self, num_rows: int, batch_size: int, num_processes: int, accumulation: int, seed: int,
-                 start_step: int, end_step: int):
+    def __init__(self, rows: int | list[list[int]], batch_size: int, num_processes: int, accumulation: int,
+                 seed: int, start_step: int, end_step: int):
         self.batch_size = batch_size
         self.global_batch = batch_size * num_processes * accumulation
         self.micro_per_step = num_processes * accumulation
-        if self.global_batch > num_rows:
-            raise TrainerError(f"the global batch (batch_size {batch_size} x {num_processes} processes x "
-                               f"grad_accumulation_steps {accumulation} = {self.global_batch}) is larger than the "
-                               f"dataset ({num_rows} rows); lower batch_size or grad_accumulation_steps")
-        self.num_rows = num_rows
-        self.epoch_length = (num_rows // self.global_batch) * self.global_batch
+        buckets = [list(range(rows))] if isinstance(rows, int) else [list(b) for b in rows]
+        self.num_rows = sum(len(b) for b in buckets)
+        split = (f"the global batch (batch_size {batch_size} x {num_processes} processes x "
+                 f"grad_accumulation_steps {accumulation} = {self.global_batch})")
+        if len(buckets) == 1 and self.global_batch > self.num_rows:
+            raise TrainerError(f"{split} is larger than the dataset ({self.num_rows} rows); lower batch_size or "
+                               "grad_accumulation_steps")
+        #: (bucket number, rows) of the buckets that fill at least one global batch
+        self.buckets = [(b, rows) for b, rows in enumerate(buckets) if len(rows) >= self.global_batch]
+        if not self.buckets:
+            raise TrainerError(f"{split} is larger than every group of rows with one latent shape (bucket sizes "
+                               f"{', '.join(str(len(b)) for b in buckets)}); lower batch_size or "
+                               "grad_accumulation_steps, or prepare the images at fewer aspect ratios")
+        if len(self.buckets) < len(buckets):
+            left_out = [len(b) for b in buckets if len(b) < self.global_batch]
+            logger.warning("%d rows in %d latent shape(s) are never trained on: each has fewer rows than %s",
+                           sum(left_out), len(left_out), split)
+        self.epoch_length = sum(len(rows) // self.global_batch for _, rows in self.buckets) * self.global_batch
         self.seed = seed
         self.start_step = start_step
         self.end_step = end_step
-        self._epoch, self._perm = -1, None
+        self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
         return (self.end_step - self.start_step) * self.micro_per_step
@@ -295,9 +339,22 @@ class StepBatchSampler:
     def row(self, position: int) -> int:
         epoch, offset = divmod(position, self.epoch_length)
         if epoch != self._epoch:
+            self._epoch, self._order = epoch, self._epoch_order(epoch)
+        return self._order[offset]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The rows of one epoch in stream order (only the first ``epoch_length`` are used)."""
+        if len(self.buckets) == 1:
+            rows = self.buckets[0][1]
             g = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch))
-            self._epoch, self._perm = epoch, torch.randperm(self.num_rows, generator=g).tolist()
-        return self._perm[offset]
+            return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+        G, batches = self.global_batch, []
+        for b, rows in self.buckets:
+            g = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch, b))
+            permuted = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+            batches += [permuted[k:k + G] for k in range(0, len(permuted) - G + 1, G)]
+        g = torch.Generator().manual_seed(_mix(self.seed, 0xB0C7, epoch))
+        return [row for k in torch.randperm(len(batches), generator=g).tolist() for row in batches[k]]
 
     def __iter__(self):
         first = self.start_step * self.global_batch

@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
         accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d of %d", resume, progress.done, cfg.steps)
 
-    sampler = StepBatchSampler(run.data.num_rows, cfg.batch_size, accelerator.num_processes,
+    sampler = StepBatchSampler(run.data.buckets, cfg.batch_size, accelerator.num_processes,
                                cfg.grad_accumulation_steps, cfg.seed, start_step=progress.done,
                                end_step=max(cfg.steps, progress.done))
     loader = accelerator.prepare(build_dataloader(run.data, sampler, cfg.seed, cfg.num_workers))
