@@ -1,0 +1,844 @@
+"""``lora-prepare`` / ``python -m trainer.prepare``: a folder of images and captions (or ComfyUI
+``.latent`` files) to a latents dataset that ``--latents`` reads.
+
+1. :func:`scan` lists the inputs: png/jpg/webp images, captions from same-name ``.txt`` files or
+   ``metadata.jsonl``/``metadata.csv`` (``file_name``, ``text``), kohya-style ``N_name`` folders
+   (N repeats), ``.latent`` files; what cannot be used is reported with the reason.
+2. Each image goes to the aspect-ratio bucket of closest aspect ratio (:func:`make_buckets`) and is
+   resized and center-cropped to it only as needed.
+3. The model's own VAE and the family's text encoders (:data:`TEXT_ENCODINGS`) encode the images
+   and captions in batches, each process its share (``accelerate launch``); every result lands in a
+   cache folder keyed by file, mtime and settings, so a rerun encodes only what is new.
+4. The main process writes one ``datasets`` dataset with ``save_to_disk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import ConfigError, TrainerError
+
+logger = logging.getLogger("trainer.prepare")  # also when run as __main__
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+LATENT_SUFFIX = ".latent"
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+#: pipeline components loaded for encoding; the denoiser and everything else are left on disk
+ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                      "tokenizer_3", "scheduler")  # the scheduler is tiny and some pipelines read it in __init__
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_REPEATS = re.compile(r"^(\d+)_(.*)$")
+_EXIF_ORIENTATION = 0x0112
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class FamilyEncoding:
+    """What preparing data for one model family needs beyond its VAE."""
+
+    #: default training resolution (buckets hold at most this many pixels squared)
+    resolution: int
+    #: the denoiser's own downsampling or patching, in latent pixels, from its ``config.json``
+    denoiser_factor: Callable[[dict], int]
+    #: captions -> conditioning columns ``{name: tensor [B, ...]}``, through the pipeline's encode_prompt
+    encode_text: Callable[[Any, list[str], torch.device], dict[str, torch.Tensor]]
+    #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE
+    latent_scale: tuple[float, float]
+
+
+#: family name (as in ``trainer.models.FAMILIES``) -> how its data is prepared
+TEXT_ENCODINGS: dict[str, FamilyEncoding] = {}
+
+
+def register_encoding(name: str, encoding: FamilyEncoding) -> None:
+    TEXT_ENCODINGS[name] = encoding
+
+
+def _unet_factor(config: dict) -> int:
+    return 2 ** (len(config["block_out_channels"]) - 1)  # one downsampler between each pair of blocks
+
+
+def _encode_sd(pipe, captions, device):
+    embeds, _ = pipe.encode_prompt(captions, device, 1, False)  # CLIP last hidden state [B, 77, D]
+    return {"prompt_embeds": embeds}
+
+
+def _encode_sdxl(pipe, captions, device):
+    # both CLIPs' penultimate hidden states concatenated, pooled output of text_encoder_2
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def _encode_sd3(pipe, captions, device):
+    # CLIP-L/G hidden states + T5 tokens (zeros without text_encoder_3), pooled CLIP-L + CLIP-G
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+def _encode_flux(pipe, captions, device):
+    embeds, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)  # T5, CLIP-L
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
+register_encoding("sd", FamilyEncoding(512, _unet_factor, _encode_sd, (0.18215, 0.0)))
+register_encoding("sdxl", FamilyEncoding(1024, _unet_factor, _encode_sdxl, (0.13025, 0.0)))
+register_encoding("sd3", FamilyEncoding(1024, lambda c: c["patch_size"], _encode_sd3, (1.5305, 0.0609)))
+# Flux packs 2x2 latent patches into one token
+register_encoding("flux", FamilyEncoding(1024, lambda c: 2 * c.get("patch_size", 1), _encode_flux,
+                                         (0.3611, 0.1159)))
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclass
+class PrepareConfig:
+    """Parameters of ``lora-prepare``; the command line maps onto these fields."""
+
+    #: folder of images (png/jpg/webp) and/or ComfyUI .latent files, with captions
+    images: str
+    #: diffusers pipeline folder (model_index.json) with the VAE and text encoders
+    model: str
+    #: where the dataset goes (a save_to_disk folder)
+    output: str
+    #: bucket area is at most resolution^2 pixels; default: the family's (SD 1.x 512, SDXL/SD3/Flux 1024)
+    resolution: int | None = None
+    #: model family; auto detects it from the denoiser's config
+    model_family: str = "auto"
+    #: bucket sides are multiples of this many pixels; default: the model's own multiple, raised to >= 64
+    bucket_step: int | None = None
+    #: widest bucket aspect ratio (long side / short side)
+    max_aspect_ratio: float = 4.0
+    #: images (and captions) per encoder batch
+    batch_size: int = 8
+    #: encoder compute dtype; latents/embeddings are stored as float16 with fp16, else float32
+    dtype: str = "fp32"
+    #: draw a seeded sample from the VAE's latent distribution instead of taking its mean
+    sample_latents: bool = False
+    #: seed of the latent samples (each image's noise derives from it and the image's cache key)
+    seed: int = 0
+    #: caption for files that have none (e.g. ComfyUI .latent files)
+    positive: str | None = None
+    #: cache of per-image encodings for resuming; default: <output>.cache
+    cache_dir: str | None = None
+    #: largest shard of the saved dataset (datasets' max_shard_size)
+    max_shard_size: str = "500MB"
+
+    def __post_init__(self):
+        for name in ("images", "model"):
+            if not Path(getattr(self, name)).exists():
+                raise ConfigError(f"--{name}: no such file or folder: {getattr(self, name)}")
+        if not Path(self.images).is_dir():
+            raise ConfigError(f"--images: {self.images} is not a folder")
+        if self.resolution is not None and self.resolution < 8:
+            raise ConfigError(f"--resolution: expected at least 8 pixels, got {self.resolution}")
+        if self.bucket_step is not None and self.bucket_step < 1:
+            raise ConfigError(f"--bucket_step: expected a positive number of pixels, got {self.bucket_step}")
+        if not self.max_aspect_ratio >= 1:
+            raise ConfigError(f"--max_aspect_ratio: expected a number >= 1, got {self.max_aspect_ratio}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size: expected at least 1, got {self.batch_size}")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if Path(self.output).resolve() == Path(self.images).resolve():
+            raise ConfigError("--output must not be the --images folder")
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(f"{self.output.rstrip('/')}.cache")
+
+
+# ----------------------------------------------------------------------------- buckets
+
+
+def make_buckets(resolution: int, step: int, max_aspect_ratio: float) -> list[tuple[int, int]]:
+    """Bucket sizes ``(width, height)``: for each short side (a multiple of ``step`` up to
+    ``resolution``) the longest long side, also a multiple of ``step``, that keeps the area within
+    ``resolution**2``; both orientations; aspect ratio at most ``max_aspect_ratio``."""
+    area, buckets = resolution * resolution, set()
+    for short in range(step, resolution + 1, step):
+        long = area // short // step * step
+        if long >= short and long <= max_aspect_ratio * short:
+            buckets.update({(short, long), (long, short)})
+    return sorted(buckets)
+
+
+def closest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket of closest aspect ratio (on a log scale); ties go to the larger bucket."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1], b))
+
+
+def fit_plan(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """How an image of this size becomes ``bucket``: its size after resizing (just enough to cover the
+    bucket; unchanged when it already does in one side and fits the other) and the ``(top, left)`` of the
+    center crop."""
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    resized = (width, height) if scale == 1 else (max(bw, round(width * scale)), max(bh, round(height * scale)))
+    return resized, ((resized[1] - bh) // 2, (resized[0] - bw) // 2)
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class Source:
+    """One usable input file and the rows it becomes."""
+
+    path: Path
+    #: path relative to --images, with / separators: the ``file_name`` column
+    name: str
+    caption: str
+    repeats: int
+    kind: str  # "image" or "latent"
+    #: image: (width, height) as seen upright; .latent: (batch, channels, height, width)
+    size: tuple[int, ...]
+    #: image only: bucket (width, height), size after resizing, crop (top, left)
+    bucket: tuple[int, int] | None = None
+    resized: tuple[int, int] | None = None
+    crop: tuple[int, int] = (0, 0)
+    #: image only: name of its cached latents
+    key: str = ""
+
+
+@dataclass
+class Skipped:
+    """A file left out: ``kind`` is a short category for the summary, ``reason`` the whole story."""
+
+    name: str
+    kind: str
+    reason: str
+
+
+class _Skip(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+@dataclass
+class Plan:
+    """Everything the scan found, before any encoding."""
+
+    sources: list[Source] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    buckets: list[tuple[int, int]] = field(default_factory=list)
+
+
+def scan(folder: Path, positive: str | None = None, exclude: tuple[Path, ...] = ()) -> tuple[list[Source], list[Skipped]]:
+    """List the inputs under ``folder`` with their captions and repeats (sizes are filled in by
+    :func:`plan`). Returns the usable files and the ones skipped, with why."""
+    folder = folder.resolve()
+    excluded = [p.resolve() for p in exclude]
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                   and not any(p.is_relative_to(x) for x in excluded))
+    metadata, skipped = _read_metadata(folder, [p for p in files if p.name in METADATA_FILES])
+    inputs = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES + (LATENT_SUFFIX,)]
+    stems = {(p.parent, p.stem) for p in inputs}
+    sources = []
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        suffix = path.suffix.lower()
+        if path.name in METADATA_FILES:
+            continue
+        if suffix == ".txt":
+            if (path.parent, path.stem) not in stems:
+                skipped.append(Skipped(name, "caption without an image", "caption file without an image"))
+            continue
+        if path not in inputs:
+            skipped.append(Skipped(name, "unsupported", "not an image (png, jpg, webp) or a ComfyUI .latent file"))
+            continue
+        repeats, folder_caption = _repeats(path.relative_to(folder))
+        if repeats == 0:
+            skipped.append(Skipped(name, "0 repeats", "in a folder with 0 repeats"))
+            continue
+        caption_file = path.with_suffix(".txt")
+        if caption_file.is_file():
+            caption = caption_file.read_text(encoding="utf-8", errors="replace").strip()
+        elif path in metadata:
+            caption = metadata[path]
+        else:
+            caption = folder_caption or positive or ""
+        sources.append(Source(path, name, caption, repeats, "latent" if suffix == LATENT_SUFFIX else "image", ()))
+    missing = sorted(set(metadata) - set(inputs))
+    skipped += [Skipped(p.relative_to(folder).as_posix(), "missing", "listed in a metadata file but not found")
+                for p in missing]
+    return sources, skipped
+
+
+def _repeats(relative: Path) -> tuple[int, str]:
+    """kohya's ``N_name`` folders: N repeats of every file below, and ``name`` as the fallback caption."""
+    if len(relative.parts) > 1:
+        match = _REPEATS.match(relative.parts[0])
+        if match:
+            return int(match.group(1)), match.group(2).strip()
+    return 1, ""
+
+
+def _read_metadata(folder: Path, files: list[Path]) -> tuple[dict[Path, str], list[Skipped]]:
+    """``file_name`` -> ``text`` of every metadata.jsonl/csv (names relative to the file's folder)."""
+    captions, skipped = {}, []
+    for meta in files:
+        name = meta.relative_to(folder).as_posix()
+        try:
+            with meta.open(encoding="utf-8", newline="") as f:
+                rows = [json.loads(line) for line in f if line.strip()] if meta.suffix == ".jsonl" \
+                    else list(csv.DictReader(f))
+        except (OSError, ValueError, csv.Error) as e:
+            skipped.append(Skipped(name, "unreadable", f"unreadable metadata: {e}"))
+            continue
+        for i, row in enumerate(rows):
+            text = row.get("text", row.get("caption")) if isinstance(row, dict) else None
+            if not isinstance(row, dict) or "file_name" not in row or text is None:
+                skipped.append(Skipped(f"{name}, row {i + 1}", "bad metadata", "needs 'file_name' and 'text'"))
+                continue
+            captions[(meta.parent / row["file_name"]).resolve()] = str(text).strip()
+    return captions, skipped
+
+
+def plan(cfg: PrepareConfig, model: "ModelInfo") -> Plan:
+    """Scan, read image sizes and .latent headers, and choose each image's bucket and crop."""
+    from PIL import Image, UnidentifiedImageError
+
+    sources, skipped = scan(Path(cfg.images), cfg.positive, exclude=(Path(cfg.output), cfg.cache))
+    buckets = make_buckets(model.resolution, model.bucket_step, cfg.max_aspect_ratio)
+    if not buckets:
+        raise ConfigError(f"--resolution {model.resolution} is smaller than --bucket_step {model.bucket_step}")
+    smallest = min(min(b) for b in buckets)
+    result = Plan(buckets=buckets)
+    for src in sources:
+        try:
+            if src.path.stat().st_size == 0:
+                raise _Skip("empty", "empty file")
+            if src.kind == "latent":
+                src.size = _latent_header(src.path)
+                reason = model.latent_problem(src.size)
+                if reason:
+                    raise _Skip("does not fit the model", reason)
+            else:
+                if model.vae is None:
+                    raise _Skip("no VAE", f"the model {cfg.model} has no VAE to encode images with")
+                with Image.open(src.path) as image:
+                    width, height = image.size
+                    if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # stored rotated by 90 degrees
+                        width, height = height, width
+                if min(width, height) < smallest:
+                    raise _Skip("too small", f"{width}x{height} is smaller than the smallest bucket side ({smallest} px at "
+                                     f"resolution {model.resolution}); use a larger image or a lower --resolution")
+                src.size = (width, height)
+                src.bucket = closest_bucket(width, height, buckets)
+                src.resized, src.crop = fit_plan(width, height, src.bucket)
+                src.key = _key(str(src.path.resolve()), src.path.stat().st_size, src.path.stat().st_mtime_ns,
+                               src.bucket, src.resized, src.crop, model.vae_stamp, cfg.dtype, cfg.sample_latents,
+                               cfg.seed if cfg.sample_latents else None)
+        except _Skip as e:
+            result.skipped.append(Skipped(src.name, e.kind, str(e)))
+            continue
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises all of these
+            result.skipped.append(Skipped(src.name, "unreadable", f"unreadable: {e}"))
+            continue
+        result.sources.append(src)
+    result.skipped = skipped + result.skipped
+    return result
+
+
+def _latent_header(path: Path) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            if "latent_tensor" not in f.keys():
+                raise _Skip("unreadable", "no 'latent_tensor' in it (not written by ComfyUI's SaveLatent)")
+            shape = tuple(f.get_slice("latent_tensor").get_shape())
+    except _Skip:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise _Skip("unreadable", f"unreadable .latent file: {e}") from None
+    if len(shape) != 4:
+        raise _Skip("does not fit the model", f"latent_tensor has shape {list(shape)}, expected [batch, channels, height, width]")
+    return shape
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclass
+class ModelInfo:
+    """The pipeline folder's family and geometry, read from its configs (no weights loaded)."""
+
+    path: Path
+    family: str
+    encoding: FamilyEncoding
+    #: the denoiser's subfolder ("unet" or "transformer") and its config.json
+    denoiser: str
+    denoiser_config: dict
+    #: vae/config.json, or None when the pipeline has no VAE
+    vae: dict | None
+    vae_factor: int
+    resolution: int
+    bucket_step: int
+    #: identities of the encoders' files: part of every cache key
+    vae_stamp: str
+    text_stamp: str
+
+    @property
+    def multiple(self) -> int:
+        """Pixels that every bucket side must be a multiple of."""
+        return self.vae_factor * self.encoding.denoiser_factor(self.denoiser_config)
+
+    @property
+    def latent_scale(self) -> tuple[float, float]:
+        if self.vae is None:
+            return self.encoding.latent_scale
+        return self.vae.get("scaling_factor", 1.0), self.vae.get("shift_factor") or 0.0
+
+    def latent_problem(self, shape: tuple[int, ...]) -> str | None:
+        """Why a .latent of this shape does not fit the model, or None."""
+        channels = self.vae.get("latent_channels") if self.vae else None
+        if channels is not None and shape[1] != channels:
+            return f"latent_tensor has {shape[1]} channels but the model's VAE makes {channels}"
+        factor = self.multiple // self.vae_factor
+        if shape[2] % factor or shape[3] % factor:
+            return f"latent size {shape[2]}x{shape[3]} is not a multiple of {factor}, which the model needs"
+        return None
+
+
+def inspect_model(cfg: PrepareConfig) -> ModelInfo:
+    """Read the pipeline folder's configs: family, VAE, bucket geometry. Raises TrainerError."""
+    from .models import FAMILIES, get_family
+
+    path = Path(cfg.model)
+    if not (path / "model_index.json").is_file():
+        raise TrainerError(f"--model: {path} is not a diffusers pipeline folder (no model_index.json); preparing "
+                           "data needs the whole pipeline, with its VAE and text encoders")
+    index = _read_json(path / "model_index.json")
+    denoiser = next((s for s in ("transformer", "unet") if s in index and (path / s / "config.json").is_file()), None)
+    if denoiser is None:
+        raise TrainerError(f"--model: {path} has no unet/ or transformer/ with a config.json")
+    config = _read_json(path / denoiser / "config.json")
+    if cfg.model_family != "auto":
+        family = get_family(cfg.model_family)
+    else:
+        family = next((f for f in FAMILIES.values() if f.matches(config)), None)
+        if family is None:
+            raise TrainerError(f"--model: cannot tell the model family of {path / denoiser} "
+                               f"({config.get('_class_name')}); pass --model_family (known: {', '.join(FAMILIES)})")
+    if family.name not in TEXT_ENCODINGS:
+        raise TrainerError(f"--model: no text encoding is defined for the {family.name!r} family "
+                           f"(known: {', '.join(TEXT_ENCODINGS)})")
+    if not (path / "text_encoder" / "config.json").is_file():
+        raise TrainerError(f"--model: {path} has no text_encoder/ to encode captions with")
+    vae_file = path / "vae" / "config.json"
+    vae = _read_json(vae_file) if index.get("vae", [None])[0] is not None and vae_file.is_file() else None
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
+    encoding = TEXT_ENCODINGS[family.name]
+    info = ModelInfo(path, family.name, encoding, denoiser, config, vae, vae_factor,
+                     cfg.resolution or encoding.resolution, 0, _stamp(path, ("vae",)),
+                     _stamp(path, [c for c in ENCODER_COMPONENTS if c != "vae"]))
+    multiple = info.multiple
+    info.bucket_step = cfg.bucket_step or multiple * math.ceil(64 / multiple)
+    if info.bucket_step % multiple:
+        raise ConfigError(f"--bucket_step: {info.bucket_step} is not a multiple of {multiple} pixels (VAE factor "
+                          f"{vae_factor} x the {denoiser}'s {multiple // vae_factor}), which this model needs")
+    return info
+
+
+def _stamp(path: Path, subfolders) -> str:
+    """Names, sizes and modification times of a pipeline's component files: a changed model means new keys."""
+    files = sorted(p for s in subfolders if (path / s).is_dir() for p in (path / s).rglob("*") if p.is_file())
+    return _key(str(path.resolve()), [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                                      for p in files])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainerError(f"cannot read {path}: {e}") from None
+
+
+def load_encoders(model: ModelInfo, dtype: torch.dtype, device: torch.device):
+    """The pipeline with only its VAE, text encoders, tokenizers and scheduler loaded."""
+    from diffusers import DiffusionPipeline
+
+    index = _read_json(model.path / "model_index.json")
+    leave_out = {name: None for name, value in index.items()
+                 if isinstance(value, list) and name not in ENCODER_COMPONENTS}
+    if model.vae is None:
+        leave_out["vae"] = None  # a pipeline saved without one still expects the argument
+    pipe = DiffusionPipeline.from_pretrained(model.path, dtype=dtype, **leave_out)
+    pipe.to(device)
+    if pipe.vae is not None and dtype == torch.float16 and pipe.vae.config.get("force_upcast"):
+        pipe.vae.to(torch.float32)  # this VAE overflows in fp16 (SD 1.x/SDXL): diffusers upcasts it too
+    return pipe
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+class Cache:
+    """One safetensors file per encoded image (``latents/``) and per caption (``text/``), written atomically."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def latents(self, key: str) -> Path:
+        return self.root / "latents" / key[:2] / f"{key}.safetensors"
+
+    def text(self, key: str) -> Path:
+        return self.root / "text" / key[:2] / f"{key}.safetensors"
+
+    @staticmethod
+    def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+
+
+def _pixels(src: Source) -> torch.Tensor:
+    """The image, upright, resized and cropped to its bucket, as [3, H, W] in [-1, 1]."""
+    import numpy as np
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    image = ImageFeature(mode="RGB").decode_example({"path": str(src.path), "bytes": None})
+    if image.size != src.size:
+        raise ValueError(f"the image is {image.size[0]}x{image.size[1]}, its header said {src.size[0]}x{src.size[1]}")
+    if src.resized != src.size:
+        image = image.resize(src.resized, Image.Resampling.LANCZOS)
+    top, left = src.crop
+    if image.size != src.bucket:
+        image = image.crop((left, top, left + src.bucket[0], top + src.bucket[1]))
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo, cfg: PrepareConfig) -> list[Skipped]:
+    """Encode one batch (one bucket) with the VAE into the cache; returns images that failed to decode."""
+    from .data import _mix
+
+    pixels, done, failed = [], [], []
+    for src in sources:
+        try:
+            pixels.append(_pixels(src))
+            done.append(src)
+        except Exception as e:  # noqa: BLE001  PIL raises many types for truncated or corrupt files
+            failed.append(Skipped(src.name, "unreadable", f"unreadable: {type(e).__name__}: {e}"))
+    if not done:
+        return failed
+    vae = pipe.vae
+    dist = vae.encode(torch.stack(pixels).to(vae.device, vae.dtype)).latent_dist
+    latents = dist.mean
+    if cfg.sample_latents:
+        # each image's noise comes from its own key, so the sample does not depend on the batch or process
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
+            _mix(cfg.seed, int(src.key[:16], 16)))) for src in done])
+        latents = latents + dist.std * noise.to(latents.device, latents.dtype)
+    scale, shift = model.latent_scale
+    latents = (latents - shift) * scale  # diffusers' convention: the denoiser sees (z - shift) * scale
+    for src, tensor in zip(done, latents):
+        cache.write(cache.latents(src.key), {"latents": tensor})
+    return failed
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str], keys: list[str], cache: Cache, model: ModelInfo,
+                    device: torch.device) -> None:
+    columns = model.encoding.encode_text(pipe, captions, device)
+    for i, key in enumerate(keys):
+        cache.write(cache.text(key), {name: value[i] for name, value in columns.items()})
+
+
+def _batches(items: list, size: int, group=lambda item: None) -> list[list]:
+    """Consecutive batches of ``size`` items of one group each, in the items' order within each group."""
+    groups: dict[Any, list] = {}
+    for item in items:
+        groups.setdefault(group(item), []).append(item)
+    return [members[i:i + size] for g in sorted(groups, key=lambda g: (g is None, g or ()))
+            for members in [groups[g]] for i in range(0, len(members), size)]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare` made."""
+
+    output: Path
+    rows: int
+    #: rows per latent shape ``(C, H, W)``
+    shapes: dict[tuple[int, ...], int]
+    skipped: list[Skipped]
+    #: images encoded by this run (not found in the cache), over all processes
+    encoded: int
+    encode_seconds: float
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult | None:
+    """Encode ``cfg.images`` into a latents dataset at ``cfg.output``. On several processes
+    (``accelerate launch``) each encodes its share; the main process writes the dataset and gets the
+    result, the others get None. Raises :class:`TrainerError` when nothing can be prepared."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from .loop import _cpu_only_multiprocess
+
+    state = PartialState(cpu=_cpu_only_multiprocess())
+    model = inspect_model(cfg)
+    work = plan(cfg, model)
+    if not work.sources:
+        raise TrainerError(f"nothing to prepare in {cfg.images}: {_skip_summary(work.skipped)}")
+    cache = Cache(cfg.cache)
+    text_keys = {caption: _key(caption, model.family, model.text_stamp, cfg.dtype)
+                 for caption in dict.fromkeys(src.caption for src in work.sources)}
+    images = list({src.key: src for src in work.sources if src.kind == "image"}.values())
+    todo_images = [src for src in images if not cache.latents(src.key).is_file()]
+    todo_text = [c for c, key in text_keys.items() if not cache.text(key).is_file()]
+    state.wait_for_everyone()  # every process has seen the cache as it was before anyone writes to it
+
+    # batches are formed globally, then dealt out: an image is encoded in the same batch on any number
+    # of processes, so the result does not depend on the split
+    image_batches = _batches(todo_images, cfg.batch_size, lambda s: s.bucket)[state.process_index::state.num_processes]
+    text_batches = _batches(todo_text, cfg.batch_size)[state.process_index::state.num_processes]
+    failed: list[Skipped] = []
+    seconds = 0.0  # spent encoding images
+    if image_batches or text_batches:
+        pipe = load_encoders(model, _DTYPES[cfg.dtype], state.device)
+        bar = tqdm(total=sum(map(len, image_batches)) + sum(map(len, text_batches)), desc="encoding",
+                   unit="item", disable=not state.is_main_process)
+        started = time.perf_counter()
+        for batch in image_batches:
+            failed += encode_images(pipe, batch, cache, model, cfg)
+            bar.update(len(batch))
+        seconds = time.perf_counter() - started
+        for batch in text_batches:
+            encode_captions(pipe, batch, [text_keys[c] for c in batch], cache, model, state.device)
+            bar.update(len(batch))
+        bar.close()
+    if state.num_processes > 1:
+        failed = gather_object(failed)
+        seconds = max(gather_object([seconds]))
+    encoded = len(todo_images) - len(failed)
+    result = None
+    if state.is_main_process:
+        result = write_dataset(cfg, model, work, cache, text_keys, failed)
+        result.encoded, result.encode_seconds = encoded, seconds
+    state.wait_for_everyone()
+    return result
+
+
+def write_dataset(cfg: PrepareConfig, model: ModelInfo, work: Plan, cache: Cache, text_keys: dict[str, str],
+                  failed: list[Skipped]) -> PrepareResult:
+    """Assemble the rows from the cache (and the .latent files) and save them, replacing ``cfg.output``
+    only once the new dataset is complete."""
+    import datasets
+    from safetensors.torch import load_file
+
+    failed_names = {s.name for s in failed}
+    sources = [s for s in work.sources if s.name not in failed_names]
+    if not sources:
+        raise TrainerError(f"nothing to prepare in {cfg.images}: {_skip_summary(work.skipped + failed)}")
+    store = "float16" if cfg.dtype == "fp16" else "float32"
+    text = load_file(str(cache.text(text_keys[sources[0].caption])))
+    shapes: Counter = Counter()
+    for src in sources:
+        if src.kind == "image":
+            channels = model.vae.get("latent_channels", 4)
+            shape = (channels, src.bucket[1] // model.vae_factor, src.bucket[0] // model.vae_factor)
+            shapes[shape] += src.repeats
+        else:
+            shapes[tuple(src.size[1:])] += src.size[0] * src.repeats
+    pair = datasets.List(datasets.Value("int32"), length=2)
+    features = {
+        "latents": datasets.Array3D(next(iter(shapes)), store) if len(shapes) == 1
+        else datasets.List(datasets.List(datasets.List(datasets.Value(store)))),
+        **{name: _feature(value, store) for name, value in text.items()},
+        "caption": datasets.Value("string"),
+        "file_name": datasets.Value("string"),
+        # as diffusers' SDXL names them: (height, width) of the source, crop (top, left), bucket (height, width)
+        "original_size": pair, "crops_coords_top_left": pair, "target_size": pair,
+    }
+    rows = [(str(s.path), s.name, s.caption, s.repeats, s.kind, list(s.size), s.key, list(s.bucket or ()),
+             list(s.crop)) for s in sources]
+    build = cache.root / f"build-{os.getpid()}"
+    tmp = Path(f"{cfg.output.rstrip('/')}.tmp-{os.getpid()}")
+    try:
+        ds = datasets.Dataset.from_generator(
+            _rows, features=datasets.Features(features), cache_dir=str(build),
+            fingerprint=_key(rows, store, text_keys, model.latent_scale, model.vae_factor),
+            gen_kwargs=dict(rows=rows, cache_root=str(cache.root), text_keys=text_keys, scale=model.latent_scale,
+                            vae_factor=model.vae_factor, store=store),
+            writer_batch_size=64)  # rows can be large (T5 embeddings): keep the writer's buffer small
+        ds.save_to_disk(str(tmp), max_shard_size=cfg.max_shard_size)
+        del ds
+        _replace(tmp, Path(cfg.output))
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = sum(shapes.values())
+    return PrepareResult(Path(cfg.output), total, dict(shapes), work.skipped + failed, 0, 0.0)
+
+
+def _feature(value: torch.Tensor, store: str):
+    import datasets
+
+    if value.ndim == 1:
+        return datasets.List(datasets.Value(store), length=value.shape[0])
+    return datasets.Array2D(tuple(value.shape), store)
+
+
+def _rows(rows, cache_root, text_keys, scale, vae_factor, store):
+    """The dataset's rows, each source's row repeated as its folder says (a generator for
+    ``Dataset.from_generator``: nothing but one source is held in memory)."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    cache = Cache(Path(cache_root))
+    dtype = np.float16 if store == "float16" else np.float32
+    for path, name, caption, repeats, kind, size, key, bucket, crop in rows:
+        conditioning = {k: v.float().numpy().astype(dtype) for k, v in
+                        load_file(str(cache.text(text_keys[caption]))).items()}
+        if kind == "image":
+            latents = [load_file(str(cache.latents(key)))["latents"].float()]
+            sizes = dict(original_size=[size[1], size[0]], crops_coords_top_left=crop,
+                         target_size=[bucket[1], bucket[0]])
+        else:
+            latents = list(_comfy_latents(Path(path), scale))
+            pixels = [size[2] * vae_factor, size[3] * vae_factor]
+            sizes = dict(original_size=pixels, crops_coords_top_left=[0, 0], target_size=pixels)
+        for tensor in latents:
+            row = {"latents": tensor.numpy().astype(dtype), **conditioning, "caption": caption, "file_name": name,
+                   **sizes}
+            for _ in range(repeats):
+                yield row
+
+
+def _comfy_latents(path: Path, scale: tuple[float, float]):
+    """The latents of a ComfyUI ``.latent`` file, scaled for the denoiser. ComfyUI stores the VAE's raw
+    latents (it scales them inside the model); files without ``latent_format_version_0`` are older and
+    hold SD 1.x-scaled latents, which ComfyUI's LoadLatent divides by 0.18215."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    raw = tensors["latent_tensor"].float()
+    if "latent_format_version_0" not in tensors:
+        raw = raw / 0.18215
+    scaling, shift = scale
+    yield from (raw - shift) * scaling
+
+
+def _replace(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target``; an earlier dataset there is removed only after the rename."""
+    old = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _skip_summary(skipped: list[Skipped]) -> str:
+    if not skipped:
+        return "no images or .latent files found"
+    kinds = Counter(s.kind for s in skipped)
+    return f"{len(skipped)} skipped (" + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lora-prepare", description="Encode a folder of images and captions (or ComfyUI .latent "
+                     "files) into a latents dataset for train.py --latents.")
+    parser.add_argument("--images", required=True, help="folder of png/jpg/webp images and/or .latent files; "
+                        "captions in same-name .txt files or metadata.jsonl/metadata.csv (file_name, text); "
+                        "kohya-style N_name subfolders repeat their files N times")
+    parser.add_argument("--model", required=True, help="diffusers pipeline folder with vae/ and text encoders")
+    parser.add_argument("--output", required=True, help="dataset folder to write (save_to_disk)")
+    parser.add_argument("--resolution", type=int, help="bucket area at most RESOLUTION^2 pixels "
+                        "[default: 512 for SD 1.x/2.x, 1024 for SDXL, SD3, Flux]")
+    parser.add_argument("--model_family", default="auto", help="model family [default: auto, from the model]")
+    parser.add_argument("--bucket_step", type=int, help="bucket sides are multiples of this many pixels "
+                        "[default: the model's own multiple, raised to at least 64]")
+    parser.add_argument("--max_aspect_ratio", type=float, default=4.0, help="widest bucket [default: 4]")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per encoder batch [default: 8]")
+    parser.add_argument("--dtype", default="fp32", choices=list(_DTYPES), help="encoder dtype; stored as float16 "
+                        "with fp16, else float32 [default: fp32]")
+    parser.add_argument("--sample_latents", action="store_true", help="draw a seeded sample from the VAE's latent "
+                        "distribution instead of its mean")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --sample_latents [default: 0]")
+    parser.add_argument("--positive", help="caption for files that have none (e.g. .latent files)")
+    parser.add_argument("--cache_dir", help="per-image encodings, for resuming [default: OUTPUT.cache]")
+    parser.add_argument("--max_shard_size", default="500MB", help="largest dataset shard [default: 500MB]")
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and our exit code, as train.py does
+        raise ConfigError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = PrepareConfig(**vars(build_parser().parse_args(argv)))
+    except ConfigError as e:
+        print(f"lora-prepare: error: {e}", file=sys.stderr)
+        return 2
+    main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun set RANK
+    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = prepare(cfg)
+    except ConfigError as e:  # a parameter that does not suit the model (e.g. --bucket_step)
+        print(f"lora-prepare: error: {e}", file=sys.stderr)
+        return 2
+    except TrainerError as e:
+        print(f"lora-prepare: error: {e}", file=sys.stderr)
+        return 1
+    if result is not None:
+        report(result)
+    return 0
+
+
+def report(result: PrepareResult) -> None:
+    """Log every skipped file with its reason, then a summary."""
+    for s in result.skipped:
+        logger.warning("skipped %s: %s", s.name, s.reason)
+    shapes = ", ".join(f"{'x'.join(map(str, shape))}: {n}" for shape, n in sorted(result.shapes.items()))
+    speed = f" ({result.encoded / result.encode_seconds:.1f} images/s)" if result.encoded and result.encode_seconds else ""
+    print(f"wrote {result.rows} rows to {result.output} (latent shapes {shapes}); encoded {result.encoded} new "
+          f"images{speed}; {_skip_summary(result.skipped) if result.skipped else 'nothing skipped'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
