@@ -25,36 +25,93 @@ SCALE, SHIFT = 0.5, 0.25  # not SD's: proves the VAE's own config is used
 OPTS = dict(resolution=32, bucket_step=8, batch_size=2)  # buckets 16x64, 24x40, 32x32, 40x24, 64x16
 
 
-def write_tiny_pipeline(path: Path, vae: bool = True) -> Path:
-    """An SD pipeline folder: tiny VAE (2x downsampling), tiny CLIP text encoder and tokenizer, demo UNet."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def clip_tokenizer(folder: Path):
+    """A CLIP tokenizer over single letters (vocab.json and merges.txt written here), 8 tokens long."""
+    from transformers import CLIPTokenizer
 
-    from trainer.demo import build_demo_model
-
-    words = path / "tokenizer-files"
-    words.mkdir(parents=True)
+    folder.mkdir(parents=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz":
         vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
-    (words / "vocab.json").write_text(json.dumps(vocab))
-    (words / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(words / "vocab.json"), str(words / "merges.txt"), model_max_length=8)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8)
+
+
+def clip(dim: int, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=54, hidden_size=dim, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=dim)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def t5(dim: int):
+    """A tiny T5 encoder and a unigram tokenizer over single letters."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    config = T5Config(vocab_size=len(pieces), d_model=dim, d_kv=8, d_ff=37, num_layers=1, num_heads=2)
+    return T5Tokenizer(vocab=pieces, extra_ids=0), T5EncoderModel(config)
+
+
+def write_tiny_pipeline(path: Path, family: str = "sd", vae: bool = True) -> Path:
+    """A pipeline folder of the family: tiny VAE (2x downsampling, own scaling/shift), tiny text encoders
+    and tokenizers, tiny denoiser (the demo UNet for SD)."""
+    import diffusers as d
+
+    from trainer.demo import build_demo_model
+
+    tokenizer = clip_tokenizer(path / "tokenizer-files")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
-                                                    num_attention_heads=4, num_hidden_layers=2,
-                                                    max_position_embeddings=8, bos_token_id=0, eos_token_id=1,
-                                                    pad_token_id=1))
-        autoencoder = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                                    norm_num_groups=8, scaling_factor=SCALE, shift_factor=SHIFT)
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, steps_offset=1)
-    StableDiffusionPipeline(vae=autoencoder if vae else None, text_encoder=text_encoder, tokenizer=tokenizer,
-                            unet=build_demo_model(), scheduler=scheduler, safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
-    shutil.rmtree(words)
+        autoencoder = d.AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                                      norm_num_groups=8, scaling_factor=SCALE, shift_factor=SHIFT)
+        autoencoder = autoencoder if vae else None
+        flow = d.FlowMatchEulerDiscreteScheduler(shift=3.0)
+        if family == "sd":
+            scheduler = d.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, steps_offset=1)
+            pipe = d.StableDiffusionPipeline(vae=autoencoder, text_encoder=clip(32), tokenizer=tokenizer,
+                                             unet=build_demo_model(), scheduler=scheduler,
+                                             safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+        elif family == "sdxl":
+            unet = d.UNet2DConditionModel(
+                sample_size=16, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=8,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), attention_head_dim=(2, 4),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 32)
+            pipe = d.StableDiffusionXLPipeline(vae=autoencoder, text_encoder=clip(32), tokenizer=tokenizer,
+                                               text_encoder_2=clip(32, projection=True),
+                                               tokenizer_2=tokenizer, unet=unet,
+                                               scheduler=d.EulerDiscreteScheduler())
+        elif family == "sd3":
+            t5_tokenizer, t5_encoder = t5(64)  # 64 = the two CLIPs' 32 + 32, which SD3 pads to T5's width
+            transformer = d.SD3Transformer2DModel(
+                sample_size=32, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                joint_attention_dim=64, pooled_projection_dim=64, pos_embed_max_size=32)
+            pipe = d.StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=flow, vae=autoencoder,
+                text_encoder=clip(32, projection=True), tokenizer=tokenizer,
+                text_encoder_2=clip(32, projection=True), tokenizer_2=tokenizer,
+                text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer)
+        else:
+            t5_tokenizer, t5_encoder = t5(32)
+            transformer = d.FluxTransformer2DModel(  # 16 = 4 latent channels x a 2x2 patch
+                patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                axes_dims_rope=(4, 6, 6))
+            pipe = d.FluxPipeline(scheduler=flow, vae=autoencoder, text_encoder=clip(32), tokenizer=tokenizer,
+                                  text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer,
+                                  transformer=transformer)
+    pipe.save_pretrained(path)
+    shutil.rmtree(path / "tokenizer-files")
     return path
 
 
@@ -117,20 +174,20 @@ def test_buckets():
 def test_folder_becomes_a_dataset_with_two_shapes_and_repeats(prepared):
     out, result = prepared
     ds = load(out)
-    rows = ds.select_columns(["file_name", "caption", "original_size", "crops_coords_top_left",
+    rows = ds.select_columns(["file_name", "caption", "original_size", "crop_coords",
                               "target_size"]).to_list()
     by_name = {}
     for row in rows:
         by_name.setdefault(row.pop("file_name"), []).append(row)
-    assert {k: len(v) for k, v in by_name.items()} == {"square.png": 1, "wide.jpg": 1, "3_sks dog/dog.webp": 3,
-                                                       "3_sks dog/dog wide.png": 3, "2_misc/tall.png": 2}
+    assert {k: len(v) for k, v in by_name.items()} == {"square.png": 1, "wide.jpg": 1, "2_misc/tall.png": 2,
+                                                       "3_sks dog/dog.webp": 3, "3_sks dog/dog wide.png": 3}
     assert by_name["square.png"][0]["caption"] == "a red square"
     assert by_name["wide.jpg"][0]["caption"] == "a wide view"
     assert by_name["2_misc/tall.png"][0]["caption"] == "a tall, thin tower"
     assert by_name["3_sks dog/dog.webp"][0]["caption"] == "sks dog"
     # 48x30 covers 40x24 at scale 5/6: resized to 40x25, one row cropped off the bottom
     assert by_name["wide.jpg"][0] == {"caption": "a wide view", "original_size": [30, 48],
-                                      "crops_coords_top_left": [0, 0], "target_size": [24, 40]}
+                                      "crop_coords": [0, 0], "target_size": [24, 40]}
     # 60x36 -> 40x24 without a crop; 30x48 -> 24x40 (a tall bucket)
     assert by_name["3_sks dog/dog wide.png"][0]["target_size"] == [24, 40]
     assert by_name["2_misc/tall.png"][0]["target_size"] == [40, 24]
@@ -223,9 +280,10 @@ def test_bad_inputs_are_reported_and_the_rest_prepared(tmp_path, pipeline, capsy
     printed = capsys.readouterr().out
     assert "wrote 1 rows" in printed
     assert "6 skipped" in printed and "2 unreadable" in printed and "1 too small" in printed
-    for name, why in [("empty.png", "empty file"), ("garbage.jpg", "unreadable"), ("truncated.png", "unreadable"),
+    for name, why in [("empty.png", "empty file"), ("garbage.jpg", "unreadable"),
+                      ("truncated.png", "unreadable"), ("lonely.txt", "caption file without an image"),
                       ("small.png", "12x40 is smaller than the smallest bucket side (16 px"),
-                      ("lonely.txt", "caption file without an image"), ("notes.gif", "not an image")]:
+                      ("notes.gif", "not a png/jpg/webp image")]:
         assert f"skipped {name}: {why}" in caplog.text
     assert load(out)[:]["file_name"] == ["good.png"]
 
@@ -258,7 +316,8 @@ def test_model_without_a_vae_still_imports_latent_files(tmp_path, capsys, caplog
 def test_sampled_latents_are_seeded_per_image(tmp_path, images, pipeline, prepared):
     base = dict(sample_latents=True, seed=3)
     a = prepare(config(images, pipeline, tmp_path / "a", **base, cache_dir=str(tmp_path / "ca")))
-    b = prepare(config(images, pipeline, tmp_path / "b", **{**base, "batch_size": 1}, cache_dir=str(tmp_path / "cb")))
+    b = prepare(config(images, pipeline, tmp_path / "b", **{**base, "batch_size": 1},
+                       cache_dir=str(tmp_path / "cb")))
     assert a.encoded == b.encoded == 5
     mean = load(prepared[0]).with_format("numpy")[:]["latents"]
     first, second = (load(tmp_path / x).with_format("numpy")[:]["latents"] for x in "ab")
@@ -279,3 +338,40 @@ def test_parameter_and_model_errors(tmp_path, images, pipeline, capsys):
     empty.mkdir()
     with pytest.raises(TrainerError, match="nothing to prepare .* no images or .latent files found"):
         prepare(config(empty, pipeline, tmp_path / "x"))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_other_families_prepare_and_train(tmp_path, family):
+    """Each family's own text encoders fill its conditioning columns; the trainer trains on them."""
+    from trainer import train_lora
+    from trainer.models import FAMILIES
+
+    if family not in FAMILIES:
+        pytest.skip(f"no {family} family in trainer.models yet")
+    pipeline = write_tiny_pipeline(tmp_path / family, family)
+    root = tmp_path / "images"
+    image(root / "a.png", 32, 32, seed=1)
+    (root / "a.txt").write_text("a red square")
+    image(root / "2_wide" / "b.png", 48, 30, seed=2)
+    result = prepare(config(root, pipeline, tmp_path / "dataset"))
+    assert result.shapes == {(4, 16, 16): 1, (4, 12, 20): 2}
+    ds = load(tmp_path / "dataset").with_format("numpy")
+    width = {"sdxl": (64, 32), "sd3": (64, 64), "flux": (32, 32)}[family]  # prompt_embeds, pooled
+    row = ds[list(ds[:]["file_name"]).index("a.png")]
+    assert (row["prompt_embeds"].shape[-1], row["pooled_prompt_embeds"].shape[-1]) == width
+    if family == "sdxl":  # both CLIPs' penultimate states side by side, pooled from the second
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+        ids = tokenizer("a red square", padding="max_length", max_length=8, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            one = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder")
+            two = CLIPTextModelWithProjection.from_pretrained(pipeline, subfolder="text_encoder_2")
+            one, two = one(ids, output_hidden_states=True), two(ids, output_hidden_states=True)
+        expected = torch.cat([one.hidden_states[-2], two.hidden_states[-2]], dim=-1)[0]
+        torch.testing.assert_close(torch.from_numpy(row["prompt_embeds"]), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(row["pooled_prompt_embeds"]), two.text_embeds[0],
+                                   atol=1e-5, rtol=1e-5)
+    trained = train_lora(str(pipeline), str(tmp_path / "dataset"), batch_size=1, **FAST)
+    assert all(np.isfinite(trained.loss["loss"]))

@@ -209,13 +209,14 @@ class TrainingData:
         shapes[LATENTS] = next(iter(groups))
         for shape, rows in groups.items():
             if len(shape) != 3:
-                raise TrainerError(f"--latents: latents must be [C, H, W] per row, got shape {shape} in row {rows[0]}")
+                raise TrainerError(f"--latents: latents must be [C, H, W] per row, got shape {shape} in row "
+                                   f"{rows[0]}")
             if shape[0] != shapes[LATENTS][0]:
                 raise TrainerError(f"--latents: row {rows[0]} has {shape[0]} latent channels but row 0 has "
                                    f"{shapes[LATENTS][0]}: every row must come from the same VAE")
         if len(groups) > 1:
-            logger.info("latents come in %d shapes (buckets): %s; each batch holds one shape", len(groups),
-                        ", ".join(f"{'x'.join(map(str, s))}: {len(r)} rows" for s, r in sorted(groups.items())))
+            sizes = ", ".join(f"{'x'.join(map(str, s))}: {len(r)} rows" for s, r in sorted(groups.items()))
+            logger.info("latents come in %d shapes (buckets): %s; each batch holds one shape", len(groups), sizes)
         for c in self.columns:
             want = self.family.conditioning[c.name]
             if len(shapes[c.name]) != want:
@@ -315,19 +316,20 @@ class StepBatchSampler:
         split = (f"the global batch (batch_size {batch_size} x {num_processes} processes x "
                  f"grad_accumulation_steps {accumulation} = {self.global_batch})")
         if len(buckets) == 1 and self.global_batch > self.num_rows:
-            raise TrainerError(f"{split} is larger than the dataset ({self.num_rows} rows); lower batch_size or "
-                               "grad_accumulation_steps")
+            raise TrainerError(f"{split} is larger than the dataset ({self.num_rows} rows); lower batch_size "
+                               "or grad_accumulation_steps")
         #: (bucket number, rows) of the buckets that fill at least one global batch
         self.buckets = [(b, rows) for b, rows in enumerate(buckets) if len(rows) >= self.global_batch]
         if not self.buckets:
-            raise TrainerError(f"{split} is larger than every group of rows with one latent shape (bucket sizes "
-                               f"{', '.join(str(len(b)) for b in buckets)}); lower batch_size or "
+            raise TrainerError(f"{split} is larger than every group of rows with one latent shape (bucket "
+                               f"sizes {', '.join(str(len(b)) for b in buckets)}); lower batch_size or "
                                "grad_accumulation_steps, or prepare the images at fewer aspect ratios")
         if len(self.buckets) < len(buckets):
             left_out = [len(b) for b in buckets if len(b) < self.global_batch]
             logger.warning("%d rows in %d latent shape(s) are never trained on: each has fewer rows than %s",
                            sum(left_out), len(left_out), split)
-        self.epoch_length = sum(len(rows) // self.global_batch for _, rows in self.buckets) * self.global_batch
+        G = self.global_batch
+        self.epoch_length = sum(len(rows) // G for _, rows in self.buckets) * G
         self.seed = seed
         self.start_step = start_step
         self.end_step = end_step

@@ -26,9 +26,10 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,8 +41,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 LATENT_SUFFIX = ".latent"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 #: pipeline components loaded for encoding; the denoiser and everything else are left on disk
+# (the scheduler is tiny, and some pipelines read it in __init__)
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                      "tokenizer_3", "scheduler")  # the scheduler is tiny and some pipelines read it in __init__
+                      "tokenizer_3", "scheduler")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _REPEATS = re.compile(r"^(\d+)_(.*)$")
 _EXIF_ORIENTATION = 0x0112
@@ -96,7 +98,8 @@ def _encode_sd3(pipe, captions, device):
 
 
 def _encode_flux(pipe, captions, device):
-    embeds, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)  # T5, CLIP-L
+    # T5 tokens, CLIP-L pooled
+    embeds, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)
     return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
@@ -111,38 +114,34 @@ register_encoding("flux", FamilyEncoding(1024, lambda c: 2 * c.get("patch_size",
 # ----------------------------------------------------------------------------- parameters
 
 
+def _option(default, help: str, type=str):
+    """A field of :class:`PrepareConfig`: its help text and command-line type drive ``--help`` and parsing."""
+    return field(default=default, metadata={"help": help, "type": type})
+
+
 @dataclass
 class PrepareConfig:
-    """Parameters of ``lora-prepare``; the command line maps onto these fields."""
+    """Parameters of ``lora-prepare``; each is a ``--flag`` of the same name."""
 
-    #: folder of images (png/jpg/webp) and/or ComfyUI .latent files, with captions
-    images: str
-    #: diffusers pipeline folder (model_index.json) with the VAE and text encoders
-    model: str
-    #: where the dataset goes (a save_to_disk folder)
-    output: str
-    #: bucket area is at most resolution^2 pixels; default: the family's (SD 1.x 512, SDXL/SD3/Flux 1024)
-    resolution: int | None = None
-    #: model family; auto detects it from the denoiser's config
-    model_family: str = "auto"
-    #: bucket sides are multiples of this many pixels; default: the model's own multiple, raised to >= 64
-    bucket_step: int | None = None
-    #: widest bucket aspect ratio (long side / short side)
-    max_aspect_ratio: float = 4.0
-    #: images (and captions) per encoder batch
-    batch_size: int = 8
-    #: encoder compute dtype; latents/embeddings are stored as float16 with fp16, else float32
-    dtype: str = "fp32"
-    #: draw a seeded sample from the VAE's latent distribution instead of taking its mean
-    sample_latents: bool = False
-    #: seed of the latent samples (each image's noise derives from it and the image's cache key)
-    seed: int = 0
-    #: caption for files that have none (e.g. ComfyUI .latent files)
-    positive: str | None = None
-    #: cache of per-image encodings for resuming; default: <output>.cache
-    cache_dir: str | None = None
-    #: largest shard of the saved dataset (datasets' max_shard_size)
-    max_shard_size: str = "500MB"
+    images: str = _option(MISSING, "folder of png/jpg/webp images and/or ComfyUI .latent files; captions "
+                          "in same-name .txt files or metadata.jsonl/metadata.csv (file_name, text); "
+                          "kohya-style N_name subfolders repeat their files N times")
+    model: str = _option(MISSING, "diffusers pipeline folder (model_index.json) with vae/ and text encoders")
+    output: str = _option(MISSING, "dataset folder to write (save_to_disk), for train.py --latents")
+    resolution: int | None = _option(None, "bucket area at most RESOLUTION^2 pixels (default: the family's, "
+                                     "512 for SD 1.x/2.x, 1024 for SDXL, SD3, Flux)", int)
+    model_family: str = _option("auto", "model family; auto detects it from the denoiser's config")
+    bucket_step: int | None = _option(None, "bucket sides are multiples of this many pixels (default: the "
+                                      "model's own multiple, raised to at least 64)", int)
+    max_aspect_ratio: float = _option(4.0, "widest bucket: long side / short side", float)
+    batch_size: int = _option(8, "images (and captions) per encoder batch", int)
+    dtype: str = _option("fp32", "encoder dtype: fp32, fp16 or bf16; stored as float16 with fp16, else "
+                         "float32")
+    sample_latents: bool = _option(False, "draw a seeded sample from the VAE's latent distribution instead "
+                                   "of taking its mean", bool)
+    seed: int = _option(0, "seed of --sample_latents (each image's noise derives from it and the image)", int)
+    positive: str | None = _option(None, "caption for files that have none (e.g. .latent files)")
+    cache_dir: str | None = _option(None, "per-image encodings, kept for resuming (default: OUTPUT.cache)")
 
     def __post_init__(self):
         for name in ("images", "model"):
@@ -195,7 +194,9 @@ def fit_plan(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[in
     center crop."""
     bw, bh = bucket
     scale = max(bw / width, bh / height)
-    resized = (width, height) if scale == 1 else (max(bw, round(width * scale)), max(bh, round(height * scale)))
+    resized = (width, height)
+    if scale != 1:
+        resized = (max(bw, round(width * scale)), max(bh, round(height * scale)))
     return resized, ((resized[1] - bh) // 2, (resized[0] - bw) // 2)
 
 
@@ -243,10 +244,10 @@ class Plan:
 
     sources: list[Source] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    buckets: list[tuple[int, int]] = field(default_factory=list)
 
 
-def scan(folder: Path, positive: str | None = None, exclude: tuple[Path, ...] = ()) -> tuple[list[Source], list[Skipped]]:
+def scan(folder: Path, positive: str | None = None,
+         exclude: tuple[Path, ...] = ()) -> tuple[list[Source], list[Skipped]]:
     """List the inputs under ``folder`` with their captions and repeats (sizes are filled in by
     :func:`plan`). Returns the usable files and the ones skipped, with why."""
     folder = folder.resolve()
@@ -268,7 +269,7 @@ def scan(folder: Path, positive: str | None = None, exclude: tuple[Path, ...] = 
                 skipped.append(Skipped(name, "caption without an image", "caption file without an image"))
             continue
         if path not in inputs:
-            skipped.append(Skipped(name, "unsupported", "not an image (png, jpg, webp) or a ComfyUI .latent file"))
+            skipped.append(Skipped(name, "unsupported", "not a png/jpg/webp image or a ComfyUI .latent file"))
             continue
         repeats, folder_caption = _repeats(path.relative_to(folder))
         if repeats == 0:
@@ -281,9 +282,10 @@ def scan(folder: Path, positive: str | None = None, exclude: tuple[Path, ...] = 
             caption = metadata[path]
         else:
             caption = folder_caption or positive or ""
-        sources.append(Source(path, name, caption, repeats, "latent" if suffix == LATENT_SUFFIX else "image", ()))
+        kind = "latent" if suffix == LATENT_SUFFIX else "image"
+        sources.append(Source(path, name, caption, repeats, kind, ()))
     missing = sorted(set(metadata) - set(inputs))
-    skipped += [Skipped(p.relative_to(folder).as_posix(), "missing", "listed in a metadata file but not found")
+    skipped += [Skipped(p.relative_to(folder).as_posix(), "missing", "listed in a metadata file, not found")
                 for p in missing]
     return sources, skipped
 
@@ -312,22 +314,22 @@ def _read_metadata(folder: Path, files: list[Path]) -> tuple[dict[Path, str], li
         for i, row in enumerate(rows):
             text = row.get("text", row.get("caption")) if isinstance(row, dict) else None
             if not isinstance(row, dict) or "file_name" not in row or text is None:
-                skipped.append(Skipped(f"{name}, row {i + 1}", "bad metadata", "needs 'file_name' and 'text'"))
+                skipped.append(Skipped(f"{name}, row {i + 1}", "bad metadata", "no 'file_name' and 'text'"))
                 continue
             captions[(meta.parent / row["file_name"]).resolve()] = str(text).strip()
     return captions, skipped
 
 
-def plan(cfg: PrepareConfig, model: "ModelInfo") -> Plan:
+def plan(cfg: PrepareConfig, model: ModelInfo) -> Plan:
     """Scan, read image sizes and .latent headers, and choose each image's bucket and crop."""
     from PIL import Image, UnidentifiedImageError
 
     sources, skipped = scan(Path(cfg.images), cfg.positive, exclude=(Path(cfg.output), cfg.cache))
     buckets = make_buckets(model.resolution, model.bucket_step, cfg.max_aspect_ratio)
     if not buckets:
-        raise ConfigError(f"--resolution {model.resolution} is smaller than --bucket_step {model.bucket_step}")
+        raise ConfigError(f"--resolution {model.resolution} is below --bucket_step {model.bucket_step}")
     smallest = min(min(b) for b in buckets)
-    result = Plan(buckets=buckets)
+    result = Plan()
     for src in sources:
         try:
             if src.path.stat().st_size == 0:
@@ -345,13 +347,15 @@ def plan(cfg: PrepareConfig, model: "ModelInfo") -> Plan:
                     if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # stored rotated by 90 degrees
                         width, height = height, width
                 if min(width, height) < smallest:
-                    raise _Skip("too small", f"{width}x{height} is smaller than the smallest bucket side ({smallest} px at "
-                                     f"resolution {model.resolution}); use a larger image or a lower --resolution")
+                    raise _Skip("too small", f"{width}x{height} is smaller than the smallest bucket side "
+                                f"({smallest} px at resolution {model.resolution}); use a larger image or a "
+                                "lower --resolution")
                 src.size = (width, height)
                 src.bucket = closest_bucket(width, height, buckets)
                 src.resized, src.crop = fit_plan(width, height, src.bucket)
-                src.key = _key(str(src.path.resolve()), src.path.stat().st_size, src.path.stat().st_mtime_ns,
-                               src.bucket, src.resized, src.crop, model.vae_stamp, cfg.dtype, cfg.sample_latents,
+                stat = src.path.stat()
+                src.key = _key(str(src.path.resolve()), stat.st_size, stat.st_mtime_ns, src.bucket,
+                               src.resized, src.crop, model.vae_stamp, cfg.dtype, cfg.sample_latents,
                                cfg.seed if cfg.sample_latents else None)
         except _Skip as e:
             result.skipped.append(Skipped(src.name, e.kind, str(e)))
@@ -377,7 +381,8 @@ def _latent_header(path: Path) -> tuple[int, ...]:
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise _Skip("unreadable", f"unreadable .latent file: {e}") from None
     if len(shape) != 4:
-        raise _Skip("does not fit the model", f"latent_tensor has shape {list(shape)}, expected [batch, channels, height, width]")
+        raise _Skip("does not fit the model", f"latent_tensor has shape {list(shape)}, expected "
+                    "[batch, channels, height, width]")
     return shape
 
 
@@ -435,10 +440,11 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
 
     path = Path(cfg.model)
     if not (path / "model_index.json").is_file():
-        raise TrainerError(f"--model: {path} is not a diffusers pipeline folder (no model_index.json); preparing "
-                           "data needs the whole pipeline, with its VAE and text encoders")
+        raise TrainerError(f"--model: {path} is not a diffusers pipeline folder (no model_index.json); "
+                           "preparing data needs the whole pipeline, with its VAE and text encoders")
     index = _read_json(path / "model_index.json")
-    denoiser = next((s for s in ("transformer", "unet") if s in index and (path / s / "config.json").is_file()), None)
+    denoiser = next((sub for sub in ("transformer", "unet")
+                     if sub in index and (path / sub / "config.json").is_file()), None)
     if denoiser is None:
         raise TrainerError(f"--model: {path} has no unet/ or transformer/ with a config.json")
     config = _read_json(path / denoiser / "config.json")
@@ -448,7 +454,8 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
         family = next((f for f in FAMILIES.values() if f.matches(config)), None)
         if family is None:
             raise TrainerError(f"--model: cannot tell the model family of {path / denoiser} "
-                               f"({config.get('_class_name')}); pass --model_family (known: {', '.join(FAMILIES)})")
+                               f"({config.get('_class_name')}); pass --model_family "
+                               f"(known: {', '.join(FAMILIES)})")
     if family.name not in TEXT_ENCODINGS:
         raise TrainerError(f"--model: no text encoding is defined for the {family.name!r} family "
                            f"(known: {', '.join(TEXT_ENCODINGS)})")
@@ -464,8 +471,9 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     multiple = info.multiple
     info.bucket_step = cfg.bucket_step or multiple * math.ceil(64 / multiple)
     if info.bucket_step % multiple:
-        raise ConfigError(f"--bucket_step: {info.bucket_step} is not a multiple of {multiple} pixels (VAE factor "
-                          f"{vae_factor} x the {denoiser}'s {multiple // vae_factor}), which this model needs")
+        raise ConfigError(f"--bucket_step: {info.bucket_step} is not a multiple of {multiple} pixels "
+                          f"(VAE factor {vae_factor} x the {denoiser}'s {multiple // vae_factor}), which "
+                          "this model needs")
     return info
 
 
@@ -503,7 +511,8 @@ def load_encoders(model: ModelInfo, dtype: torch.dtype, device: torch.device):
 
 
 class Cache:
-    """One safetensors file per encoded image (``latents/``) and per caption (``text/``), written atomically."""
+    """One safetensors file per encoded image (``latents/``) and per caption (``text/``), each written
+    atomically."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -532,7 +541,8 @@ def _pixels(src: Source) -> torch.Tensor:
 
     image = ImageFeature(mode="RGB").decode_example({"path": str(src.path), "bytes": None})
     if image.size != src.size:
-        raise ValueError(f"the image is {image.size[0]}x{image.size[1]}, its header said {src.size[0]}x{src.size[1]}")
+        raise ValueError(f"decoded as {image.size[0]}x{image.size[1]}, its header said "
+                         f"{src.size[0]}x{src.size[1]}")
     if src.resized != src.size:
         image = image.resize(src.resized, Image.Resampling.LANCZOS)
     top, left = src.crop
@@ -542,7 +552,8 @@ def _pixels(src: Source) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo, cfg: PrepareConfig) -> list[Skipped]:
+def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
+                  cfg: PrepareConfig) -> list[Skipped]:
     """Encode one batch (one bucket) with the VAE into the cache; returns images that failed to decode."""
     from .data import _mix
 
@@ -622,15 +633,15 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     cache = Cache(cfg.cache)
     text_keys = {caption: _key(caption, model.family, model.text_stamp, cfg.dtype)
                  for caption in dict.fromkeys(src.caption for src in work.sources)}
-    images = list({src.key: src for src in work.sources if src.kind == "image"}.values())
-    todo_images = [src for src in images if not cache.latents(src.key).is_file()]
+    todo_images = [s for s in work.sources if s.kind == "image" and not cache.latents(s.key).is_file()]
     todo_text = [c for c, key in text_keys.items() if not cache.text(key).is_file()]
     state.wait_for_everyone()  # every process has seen the cache as it was before anyone writes to it
 
     # batches are formed globally, then dealt out: an image is encoded in the same batch on any number
     # of processes, so the result does not depend on the split
-    image_batches = _batches(todo_images, cfg.batch_size, lambda s: s.bucket)[state.process_index::state.num_processes]
-    text_batches = _batches(todo_text, cfg.batch_size)[state.process_index::state.num_processes]
+    mine = slice(state.process_index, None, state.num_processes)
+    image_batches = _batches(todo_images, cfg.batch_size, lambda s: s.bucket)[mine]
+    text_batches = _batches(todo_text, cfg.batch_size)[mine]
     failed: list[Skipped] = []
     seconds = 0.0  # spent encoding images
     if image_batches or text_batches:
@@ -686,8 +697,8 @@ def write_dataset(cfg: PrepareConfig, model: ModelInfo, work: Plan, cache: Cache
         **{name: _feature(value, store) for name, value in text.items()},
         "caption": datasets.Value("string"),
         "file_name": datasets.Value("string"),
-        # as diffusers' SDXL names them: (height, width) of the source, crop (top, left), bucket (height, width)
-        "original_size": pair, "crops_coords_top_left": pair, "target_size": pair,
+        # SDXL's time ids (trainer.models.sdxl): source (height, width), crop (top, left), bucket size
+        "original_size": pair, "crop_coords": pair, "target_size": pair,
     }
     rows = [(str(s.path), s.name, s.caption, s.repeats, s.kind, list(s.size), s.key, list(s.bucket or ()),
              list(s.crop)) for s in sources]
@@ -697,10 +708,10 @@ def write_dataset(cfg: PrepareConfig, model: ModelInfo, work: Plan, cache: Cache
         ds = datasets.Dataset.from_generator(
             _rows, features=datasets.Features(features), cache_dir=str(build),
             fingerprint=_key(rows, store, text_keys, model.latent_scale, model.vae_factor),
-            gen_kwargs=dict(rows=rows, cache_root=str(cache.root), text_keys=text_keys, scale=model.latent_scale,
-                            vae_factor=model.vae_factor, store=store),
+            gen_kwargs=dict(rows=rows, cache_root=str(cache.root), text_keys=text_keys,
+                            scale=model.latent_scale, vae_factor=model.vae_factor, store=store),
             writer_batch_size=64)  # rows can be large (T5 embeddings): keep the writer's buffer small
-        ds.save_to_disk(str(tmp), max_shard_size=cfg.max_shard_size)
+        ds.save_to_disk(str(tmp))  # in shards of at most 500 MB (datasets' default)
         del ds
         _replace(tmp, Path(cfg.output))
     finally:
@@ -731,15 +742,15 @@ def _rows(rows, cache_root, text_keys, scale, vae_factor, store):
                         load_file(str(cache.text(text_keys[caption]))).items()}
         if kind == "image":
             latents = [load_file(str(cache.latents(key)))["latents"].float()]
-            sizes = dict(original_size=[size[1], size[0]], crops_coords_top_left=crop,
+            sizes = dict(original_size=[size[1], size[0]], crop_coords=crop,
                          target_size=[bucket[1], bucket[0]])
         else:
             latents = list(_comfy_latents(Path(path), scale))
             pixels = [size[2] * vae_factor, size[3] * vae_factor]
-            sizes = dict(original_size=pixels, crops_coords_top_left=[0, 0], target_size=pixels)
+            sizes = dict(original_size=pixels, crop_coords=[0, 0], target_size=pixels)
         for tensor in latents:
-            row = {"latents": tensor.numpy().astype(dtype), **conditioning, "caption": caption, "file_name": name,
-                   **sizes}
+            row = {"latents": tensor.numpy().astype(dtype), **conditioning, "caption": caption,
+                   "file_name": name, **sizes}
             for _ in range(repeats):
                 yield row
 
@@ -778,28 +789,17 @@ def _skip_summary(skipped: list[Skipped]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora-prepare", description="Encode a folder of images and captions (or ComfyUI .latent "
-                     "files) into a latents dataset for train.py --latents.")
-    parser.add_argument("--images", required=True, help="folder of png/jpg/webp images and/or .latent files; "
-                        "captions in same-name .txt files or metadata.jsonl/metadata.csv (file_name, text); "
-                        "kohya-style N_name subfolders repeat their files N times")
-    parser.add_argument("--model", required=True, help="diffusers pipeline folder with vae/ and text encoders")
-    parser.add_argument("--output", required=True, help="dataset folder to write (save_to_disk)")
-    parser.add_argument("--resolution", type=int, help="bucket area at most RESOLUTION^2 pixels "
-                        "[default: 512 for SD 1.x/2.x, 1024 for SDXL, SD3, Flux]")
-    parser.add_argument("--model_family", default="auto", help="model family [default: auto, from the model]")
-    parser.add_argument("--bucket_step", type=int, help="bucket sides are multiples of this many pixels "
-                        "[default: the model's own multiple, raised to at least 64]")
-    parser.add_argument("--max_aspect_ratio", type=float, default=4.0, help="widest bucket [default: 4]")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per encoder batch [default: 8]")
-    parser.add_argument("--dtype", default="fp32", choices=list(_DTYPES), help="encoder dtype; stored as float16 "
-                        "with fp16, else float32 [default: fp32]")
-    parser.add_argument("--sample_latents", action="store_true", help="draw a seeded sample from the VAE's latent "
-                        "distribution instead of its mean")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --sample_latents [default: 0]")
-    parser.add_argument("--positive", help="caption for files that have none (e.g. .latent files)")
-    parser.add_argument("--cache_dir", help="per-image encodings, for resuming [default: OUTPUT.cache]")
-    parser.add_argument("--max_shard_size", default="500MB", help="largest dataset shard [default: 500MB]")
+    parser = _Parser(prog="lora-prepare", description="Encode a folder of images and captions (or ComfyUI "
+                     ".latent files) into a latents dataset for train.py --latents.")
+    for f in fields(PrepareConfig):
+        kind, required = f.metadata["type"], f.default is MISSING
+        default = "" if required or f.default is None else f" [default: {f.default}]"
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, required=required, default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=f.metadata["help"] + default)
     return parser
 
 
@@ -835,9 +835,10 @@ def report(result: PrepareResult) -> None:
     for s in result.skipped:
         logger.warning("skipped %s: %s", s.name, s.reason)
     shapes = ", ".join(f"{'x'.join(map(str, shape))}: {n}" for shape, n in sorted(result.shapes.items()))
-    speed = f" ({result.encoded / result.encode_seconds:.1f} images/s)" if result.encoded and result.encode_seconds else ""
-    print(f"wrote {result.rows} rows to {result.output} (latent shapes {shapes}); encoded {result.encoded} new "
-          f"images{speed}; {_skip_summary(result.skipped) if result.skipped else 'nothing skipped'}")
+    speed = f" ({result.encoded / result.encode_seconds:.1f} images/s)" if result.encode_seconds else ""
+    skipped = _skip_summary(result.skipped) if result.skipped else "nothing skipped"
+    print(f"wrote {result.rows} rows to {result.output} (latent shapes {shapes}); encoded {result.encoded} "
+          f"new images{speed}; {skipped}")
 
 
 if __name__ == "__main__":
