@@ -65,14 +65,31 @@ class TrainConfig:
                                         "default: the model family's attention projections")
     output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json")
     output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter")
-    model_family: str = _param("auto", "model family; auto detects it from the model",
-                               choices=("auto", "sd"))
-    prediction_type: str = _param("auto", "what the model predicts; auto reads the pipeline's scheduler config",
+    model_family: str = _param("auto", "model family (sd = SD 1.x/2.x, sdxl, sd3 = SD3/3.5, flux = "
+                               "Flux.1); auto detects it from the model",
+                               choices=("auto", "sd", "sdxl", "sd3", "flux"))
+    prediction_type: str = _param("auto", "what the model predicts (SD/SDXL; SD3/Flux predict the flow "
+                                  "velocity); auto reads the pipeline's scheduler config",
                                   choices=("auto", "epsilon", "v_prediction"))
     objective: str = _param("native", "native: the model's own target; x0: loss on the predicted clean "
                             "latents (the node's behaviour)", choices=("native", "x0"))
+    timestep_sampling: str = _param("auto", "how noise levels are drawn: uniform, logit_normal or mode (SD3 "
+                                    "paper); auto = uniform for SD/SDXL, logit_normal for SD3/Flux",
+                                    choices=("auto", "uniform", "logit_normal", "mode"))
+    logit_mean: float = _param(0.0, "logit_normal: mean of the logit of the noise level (> 0: noisier)",
+                               range=(-10.0, 10.0))
+    logit_std: float = _param(1.0, "logit_normal: standard deviation of the logit of the noise level",
+                              range=(0.01, 10.0))
+    mode_scale: float = _param(1.29, "mode: the SD3 paper's scale s (0 = uniform)", range=(-1.0, 1.75))
+    loss_weighting: str = _param("none", "per-sample loss weights: min_snr (SD/SDXL), sigma_sqrt or cosmap "
+                                 "(SD3/Flux, the SD3 paper's)",
+                                 choices=("none", "min_snr", "sigma_sqrt", "cosmap"))
+    min_snr_gamma: float = _param(5.0, "min_snr: the SNR at which weights are clipped", range=(0.01, 1000.0))
+    guidance: float = _param(1.0, "Flux.1 dev-style (guidance-distilled) models: the guidance value fed "
+                             "while training; 1.0 keeps the distilled guidance intact", range=(0.0, 100.0))
     model_config: str | None = _param(None, "diffusers config folder for a single-file checkpoint "
-                                      "(default: the built-in config of the detected family)")
+                                      "(default: the built-in config of the detected family: SD 1.x/2.x, "
+                                      "SDXL; SD3 and Flux need it)")
     log_every: int = _param(10, "read the loss back from the device and log it every N steps",
                             range=(1, 100000))
     report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"))

@@ -136,6 +136,8 @@ class TrainingData:
 
     def __init__(self, latents, positive, family, model):
         self.family = family
+        #: conditioning columns the family reads (required, then optional ones) -> dims per row
+        self.column_ndims = {**family.conditioning, **family.optional_conditioning}
         self.dataset = open_dataset(latents, "--latents")
         if LATENTS not in self.dataset.column_names:
             raise TrainerError(f"--latents: the dataset has no '{LATENTS}' column "
@@ -155,17 +157,21 @@ class TrainingData:
         if channels != expected:
             raise TrainerError(f"--latents: latents have {channels} channels but the model expects {expected} "
                                "(were they encoded with this model's VAE?)")
-        family.check_conditioning(model, {c.name: shapes[c.name] for c in self.columns})
+        conditioning_shapes = {c.name: shapes[c.name] for c in self.columns}
+        for latent_shape in groups:  # every bucket must fit the model (e.g. Flux's 2x2 patches)
+            family.check_conditioning(model, {LATENTS: latent_shape, **conditioning_shapes})
 
     def _conditioning_columns(self, positive) -> list[Column]:
         columns = []
         pos = open_conditioning(positive) if positive is not None else None
-        for name, ndim in self.family.conditioning.items():
-            if pos is None:
-                if name not in self.dataset.column_names:
+        for name, ndim in self.column_ndims.items():
+            required = name in self.family.conditioning
+            if pos is None or (not required and name not in pos):
+                if name in self.dataset.column_names:
+                    columns.append(Column(name))
+                elif required:
                     raise TrainerError(f"--latents: the dataset has no '{name}' column, which this model needs; "
                                        "add it or pass --positive")
-                columns.append(Column(name))
                 continue
             if name not in pos:
                 raise TrainerError(f"--positive: no '{name}' column (has: {', '.join(pos) or 'nothing numeric'})")
@@ -218,7 +224,7 @@ class TrainingData:
             sizes = ", ".join(f"{'x'.join(map(str, s))}: {len(r)} rows" for s, r in sorted(groups.items()))
             logger.info("latents come in %d shapes (buckets): %s; each batch holds one shape", len(groups), sizes)
         for c in self.columns:
-            want = self.family.conditioning[c.name]
+            want = self.column_ndims[c.name]
             if len(shapes[c.name]) != want:
                 raise TrainerError(f"'{c.name}' rows must have {want} dimensions, got shape {shapes[c.name]}")
         return shapes, groups

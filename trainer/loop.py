@@ -28,6 +28,7 @@ from .data import StepBatchSampler, TrainingData, build_dataloader
 from .errors import TrainerError
 from .losses import get_loss
 from .models import load_model
+from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
 
@@ -78,7 +79,7 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     accelerator = _make_accelerator(cfg)
     run = setup(cfg, accelerator, model, latents, positive)
     family, progress = run.loaded.family, run.progress
-    objective = family.make_objective(run.loaded.scheduler_config, run.loaded.prediction_type, cfg.objective)
+    objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
     loss_fn = get_loss(cfg.loss_function)
     optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
     checkpoint.register_adapter_hooks(accelerator, progress)
@@ -199,11 +200,11 @@ def _apply_offsets(model: torch.nn.Module, deltas: dict[str, dict[str, torch.Ten
 def train_step(model, family, objective, loss_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Noise the batch, run the denoiser, return the loss (a 0-dim tensor on the device)."""
     latents, noise = batch["latents"], batch["noise"]
-    t = objective.timesteps(batch["u"])
+    t = objective.timesteps(batch["u"], latents)
     noisy = objective.add_noise(latents, noise, t)
-    cond = {name: batch[name] for name in family.conditioning}
-    prediction = family.forward(model, noisy, t, cond)
-    return loss_fn(*objective.loss_pair(latents, noise, noisy, prediction, t))
+    prediction = family.forward(model, noisy, t, batch, **objective.model_inputs)
+    prediction, target = objective.loss_pair(latents, noise, noisy, prediction, t)
+    return weighted_loss(loss_fn, prediction, target, objective.loss_weights(t))
 
 
 class LossHistory:
@@ -283,11 +284,11 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     cfg, progress = run.cfg, run.progress
     model = accelerator.unwrap_model(denoiser)
     model.eval()
-    prefix, dtype = run.loaded.family.kohya_prefix, _DTYPES[cfg.lora_dtype]
-    lora = export_adapter(model, run.algorithm, prefix, dtype)
+    family, dtype = run.loaded.family, _DTYPES[cfg.lora_dtype]
+    lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
     for name, offsets in run.offsets.items():  # unchanged: ComfyUI reads them under kohya names too
-        for key, tensor in offsets.items():
-            lora[f"{prefix}{name.replace('.', '_')}.{key}"] = tensor.to(dtype).contiguous()
+        for key, tensor in family.file_tensors(name, offsets).items():
+            lora[key] = tensor.to(dtype).contiguous()
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
     result = TrainResult(model, lora, loss_map, progress.total)
     if write_outputs and accelerator.is_main_process:
@@ -314,6 +315,7 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
         "trainer_algorithm": algorithm.name,
         "trainer_family": family.name,
         "trainer_config": cfg.to_json(),
+        **family.file_metadata(lora, run.rank, run.alpha),
     }
     save_adapter_file(lora_path, lora, metadata)
     write_json(out / "loss.json", loss_map)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from peft import PeftConfig
@@ -101,16 +101,24 @@ def adapter_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
             if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module._all_available_adapter_names()}
 
 
-def export_adapter(model: torch.nn.Module, algorithm: Algorithm, prefix: str,
+def export_adapter(model: torch.nn.Module, algorithm: Algorithm,
+                   layout: str | Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The adapter as a kohya-named state dict: ``<prefix><module path with _>.<suffix>``.
+    """The adapter as a file state dict.
 
-    Weights are cast to ``dtype``; ``alpha`` stays fp32 so its value is exact in every file.
+    ``layout`` names the tensors: a kohya prefix (``<prefix><module path with _>.<suffix>``), or a
+    function (module path, {suffix: fp32 tensor}) -> {file key: tensor}, a model family's file layout
+    (:meth:`~trainer.models.base.ModelFamily.file_tensors`). Weights are cast to ``dtype`` after the
+    layout has seen them in fp32; ``alpha`` stays fp32 so its value is exact in every file.
     """
+    def kohya(name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"{layout}{name.replace('.', '_')}.{suffix}": t for suffix, t in tensors.items()}
+
+    name_tensors = kohya if isinstance(layout, str) else layout
     state = {}
     for name, layer in adapter_layers(model).items():
-        key = prefix + name.replace(".", "_")
-        for suffix, tensor in algorithm.export_layer(layer).items():
-            tensor = tensor.detach().to("cpu", dtype=torch.float32 if suffix == "alpha" else dtype)
-            state[f"{key}.{suffix}"] = tensor.contiguous()
+        tensors = {suffix: t.detach().to("cpu", torch.float32)
+                   for suffix, t in algorithm.export_layer(layer).items()}
+        for key, tensor in name_tensors(name, tensors).items():
+            state[key] = tensor.to(torch.float32 if key.endswith(".alpha") else dtype).contiguous()
     return state

@@ -6,6 +6,6 @@ that interface, so adding a family never touches the loop.
 
 from .base import FAMILIES, LoadedModel, ModelFamily, get_family, register_family
 from .loading import load_model
-from . import sd  # noqa: F401  (registers the family)
+from . import sd, sdxl, sd3, flux  # noqa: F401  (register the families)
 
 __all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "get_family", "load_model", "register_family"]

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import TrainerError
+from ..objectives import ObjectiveOptions
 
 FAMILIES: dict[str, "ModelFamily"] = {}
 
@@ -33,35 +34,64 @@ class ModelFamily:
     #: diffusers class of the denoiser, and its subfolder in a pipeline folder
     denoiser_class: ClassVar[type]
     subfolder: ClassVar[str]
-    #: module-name prefix of kohya-style LoRA keys for this denoiser
+    #: module-name prefix of kohya-style keys for this denoiser (ComfyUI reads LyCORIS tensors under it)
     kohya_prefix: ClassVar[str]
     #: module-name suffixes adapted by default
     default_targets: ClassVar[tuple[str, ...]]
     #: conditioning columns the denoiser needs: name -> number of dims per row
     conditioning: ClassVar[dict[str, int]]
+    #: conditioning columns used when the data has them (else derived): name -> number of dims per row
+    optional_conditioning: ClassVar[dict[str, int]] = {}
 
     def matches(self, config: dict[str, Any]) -> bool:
         """Whether a denoiser config (its ``config.json``) belongs to this family."""
         raise NotImplementedError
 
+    def matches_checkpoint(self, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Whether a single-file checkpoint (original key names) holds this family's denoiser."""
+        return False
+
     def latent_channels(self, model: torch.nn.Module) -> int:
         return model.config.in_channels
 
     def check_conditioning(self, model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Raise :class:`TrainerError` if conditioning of these per-row shapes cannot feed ``model``."""
+        """Raise :class:`TrainerError` if rows of these shapes (``latents`` and the conditioning
+        columns, per row) cannot feed ``model``."""
 
-    def make_objective(self, scheduler_config: dict | None, prediction_type: str, objective: str):
+    def make_objective(self, loaded: "LoadedModel", options: ObjectiveOptions):
+        """The run's objective (:mod:`trainer.objectives`), with the constant keyword inputs of
+        :meth:`forward` in its ``model_inputs``."""
         raise NotImplementedError
 
-    def forward(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]):
+    def forward(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, torch.Tensor],
+                **inputs) -> torch.Tensor:
+        """The denoiser's prediction, shaped like ``noisy``, from the batch's conditioning columns."""
         raise NotImplementedError
 
     def single_file_config(self, state_dict: dict[str, torch.Tensor]) -> tuple[Path, dict]:
         """The built-in diffusers config folder and scheduler config for a single-file checkpoint."""
-        raise NotImplementedError
+        raise TrainerError(f"single-file {self.name} checkpoints need --model_config: the diffusers config "
+                           f"folder of the model (its {self.subfolder}/ folder, or the pipeline folder)")
 
     def base_model_version(self, model: torch.nn.Module) -> str:
         return self.name
+
+    def file_tensors(self, module: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One adapted module's tensors (fp32, keyed by algorithm suffix: ``lora_down.weight``,
+        ``alpha``, ``hada_w1_a``, ...) under this family's file keys: kohya names by default,
+        ``<kohya_prefix><module path with _>.<suffix>``, which diffusers and ComfyUI read."""
+        key = self.kohya_prefix + module.replace(".", "_")
+        return {f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()}
+
+    def file_metadata(self, tensors: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
+        """Metadata entries that this family's layout of ``tensors`` (the file) sets differently from the
+        trainer's defaults."""
+        return {}
+
+
+def has_checkpoint_key(state_dict: dict[str, torch.Tensor], key: str) -> bool:
+    """Whether an original-layout checkpoint holds ``key``, bare or under ``model.diffusion_model.``."""
+    return key in state_dict or f"model.diffusion_model.{key}" in state_dict
 
 
 @dataclass
@@ -77,3 +107,5 @@ class LoadedModel:
     #: "pipeline" (a folder with model_index.json), "folder", "single_file", "demo" or "object"
     kind: str
     extra: dict[str, Any] = field(default_factory=dict)
+    #: pixels per latent pixel, from the pipeline's VAE config when there is one (SD/SDXL/SD3/Flux: 8)
+    vae_scale_factor: int = 8

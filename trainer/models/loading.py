@@ -32,6 +32,7 @@ def load_model(model, family: str = "auto", prediction_type: str = "auto",
         if denoiser is None:
             raise TrainerError("--model: the pipeline object has neither a unet nor a transformer")
         loaded = _from_object(model, denoiser, family, dict(model.scheduler.config), "object")
+        loaded.vae_scale_factor = getattr(model, "vae_scale_factor", loaded.vae_scale_factor)
     elif str(model) == "demo":
         from ..demo import build_demo_model
 
@@ -61,7 +62,8 @@ def _from_path(path: Path, family: str, model_config: str | None) -> LoadedModel
         model = fam.denoiser_class.from_pretrained(path)
         sibling = path.parent / "scheduler" / "scheduler_config.json"
         scheduler_config = _read_json(sibling) if sibling.is_file() else None
-        return LoadedModel(fam, model, scheduler_config, "", str(path), "folder")
+        return LoadedModel(fam, model, scheduler_config, "", str(path), "folder",
+                           vae_scale_factor=_vae_scale_factor(path.parent))
     raise TrainerError(f"--model: {path} is neither a diffusers pipeline folder (model_index.json) nor a "
                        "model folder (config.json)")
 
@@ -75,7 +77,7 @@ def _from_pipeline(path: Path, family: str) -> LoadedModel:
             scheduler_file = path / "scheduler" / "scheduler_config.json"
             scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else None
             return LoadedModel(fam, model, scheduler_config, "", str(path), "pipeline",
-                               extra={"subfolder": subfolder})
+                               extra={"subfolder": subfolder}, vae_scale_factor=_vae_scale_factor(path))
     raise TrainerError(f"--model: pipeline folder {path} has no unet/ or transformer/ with a config.json")
 
 
@@ -101,25 +103,38 @@ def _from_single_file(path: Path, family: str, model_config: str | None) -> Load
         scheduler_file = config_file.parent.parent / "scheduler" / "scheduler_config.json"
         scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else None
         subfolder = None if config_file.parent == config_root else config_file.parent.name
+        vae_scale_factor = _vae_scale_factor(config_file.parent.parent)
     else:
         fam = _single_file_family(state_dict, family, path)
         config_root, scheduler_config = fam.single_file_config(state_dict)
-        subfolder = fam.subfolder
+        subfolder, vae_scale_factor = fam.subfolder, 8
     model = fam.denoiser_class.from_single_file(state_dict, config=str(config_root), subfolder=subfolder,
                                                 local_files_only=True)
-    return LoadedModel(fam, model, scheduler_config, "", str(path), "single_file")
+    return LoadedModel(fam, model, scheduler_config, "", str(path), "single_file",
+                       vae_scale_factor=vae_scale_factor)
 
 
 def _single_file_family(state_dict, family: str, path: Path) -> ModelFamily:
     if family != "auto":
         return get_family(family)
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    fam = checkpoint_family(state_dict)
+    if fam is None:
+        raise TrainerError(f"--model: cannot tell the family of single-file checkpoint {path.name}; pass "
+                           "--model_family and --model_config")
+    return fam
 
-    model_type = infer_diffusers_model_type(state_dict)
-    if model_type in ("v1", "v2"):
-        return get_family("sd")
-    raise TrainerError(f"--model: cannot tell the family of single-file checkpoint {path.name} "
-                       f"(diffusers sees {model_type!r}); pass --model_family and --model_config")
+
+def checkpoint_family(state_dict: dict[str, torch.Tensor]) -> ModelFamily | None:
+    """The family whose denoiser a single-file checkpoint (original key names) holds, or None."""
+    return next((fam for fam in FAMILIES.values() if fam.matches_checkpoint(state_dict)), None)
+
+
+def _vae_scale_factor(pipeline_root: Path) -> int:
+    """Pixels per latent pixel from ``vae/config.json`` (as diffusers' pipelines compute it), else 8."""
+    vae_config = pipeline_root / "vae" / "config.json"
+    if not vae_config.is_file():
+        return 8
+    return 2 ** (len(_read_json(vae_config).get("block_out_channels", [0] * 4)) - 1)
 
 
 def _detect(config: dict, family: str, where: str) -> ModelFamily:

@@ -9,7 +9,7 @@ from diffusers import UNet2DConditionModel
 
 from ..errors import TrainerError
 from ..objectives import DDPMObjective
-from .base import ModelFamily, register_family
+from .base import ModelFamily, has_checkpoint_key, register_family
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -34,13 +34,21 @@ class StableDiffusion(ModelFamily):
                                f"cross_attention_dim is {model.config.cross_attention_dim}: "
                                "the conditioning was encoded for another model")
 
-    def make_objective(self, scheduler_config, prediction_type, objective):
-        if scheduler_config is None:
-            scheduler_config = _read_json(CONFIGS / "sd1" / "scheduler" / "scheduler_config.json")
-        return DDPMObjective(scheduler_config, prediction_type, objective)
+    def matches_checkpoint(self, state_dict):
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    def forward(self, model, noisy, timesteps, cond):
-        return model(noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"], return_dict=False)[0]
+        # diffusers calls any unknown layout "v1": the LDM UNet's own key is required too, and SDXL's
+        # added-conditioning MLP (label_emb) rules it out
+        return (has_checkpoint_key(state_dict, "input_blocks.0.0.weight")
+                and not has_checkpoint_key(state_dict, "label_emb.0.0.weight")
+                and infer_diffusers_model_type(state_dict) in ("v1", "v2"))
+
+    def make_objective(self, loaded, options):
+        default = CONFIGS / "sd1" / "scheduler" / "scheduler_config.json"
+        return DDPMObjective(loaded.scheduler_config or read_json(default), loaded.prediction_type, options)
+
+    def forward(self, model, noisy, timesteps, batch):
+        return model(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"], return_dict=False)[0]
 
     def single_file_config(self, state_dict):
         from diffusers.loaders.single_file_utils import infer_diffusers_model_type
@@ -50,13 +58,13 @@ class StableDiffusion(ModelFamily):
             raise TrainerError(f"single-file checkpoint looks like {model_type!r}, not SD 1.x/2.x; "
                                "pass --model_config with its diffusers config folder")
         folder = CONFIGS / ("sd1" if model_type == "v1" else "sd2")
-        return folder, _read_json(folder / "scheduler" / "scheduler_config.json")
+        return folder, read_json(folder / "scheduler" / "scheduler_config.json")
 
     def base_model_version(self, model):
         return "sd_v2" if model.config.cross_attention_dim == 1024 else "sd_v1"
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     import json
 
     return json.loads(path.read_text())

@@ -1,0 +1,114 @@
+"""Flux.1 (dev, schnell and their fine-tunes): ``FluxTransformer2DModel`` trained by rectified flow.
+
+The transformer reads the latents as tokens: each 2x2 patch of the [C, H, W] latents (C = 16) is
+one token of C*4 features, with a position id (0, row, column); text tokens have position id 0.
+Conditioning: ``prompt_embeds`` [L, 4096] (T5) and ``pooled_prompt_embeds`` [768] (CLIP-L pooled).
+Guidance-distilled models (``guidance_embeds``, FLUX.1 dev) also take the guidance value; training
+feeds ``guidance`` (default 1.0, what most Flux LoRA trainers use to keep the distilled guidance
+behaviour intact). The noise-level shift grows with the image's token count (``use_dynamic_shifting``).
+
+File layout (SPEC section 5): LoRA tensors under diffusers names with real alpha tensors,
+``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` / ``transformer.<module>.alpha``:
+ComfyUI maps these names for Flux and reads the alpha tensor; diffusers'
+``FluxPipeline.load_lora_weights`` takes alpha tensors of such files as the network alphas. Other
+algorithms keep LyCORIS tensors under ``lora_transformer_<module with _>`` (ComfyUI maps these).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from ..errors import TrainerError
+from ..objectives import FlowMatchObjective
+from .base import ModelFamily, has_checkpoint_key, register_family
+from .sd3 import check_text_conditioning, peft_file_tensors
+
+#: FlowMatchEulerDiscreteScheduler configs of FLUX.1 dev (resolution-dependent shift) and schnell
+DEV_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                 "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                 "base_image_seq_len": 256, "max_image_seq_len": 4096}
+SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                     "shift": 1.0, "use_dynamic_shifting": False}
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), C*4]: one token per 2x2 patch, row-major, features (c, dy, dx)."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack` for latents of ``height`` x ``width``."""
+    b, _, features = tokens.shape
+    patches = tokens.view(b, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, features // 4, height, width)
+
+
+def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
+    """[rows*cols, 3] position ids of the image tokens: (0, row, column)."""
+    grid = torch.zeros(rows, cols, 3, device=device)
+    grid[..., 1] = torch.arange(rows, device=device)[:, None]
+    grid[..., 2] = torch.arange(cols, device=device)[None, :]
+    return grid.reshape(rows * cols, 3)
+
+
+@register_family
+class Flux(ModelFamily):
+    name = "flux"
+    denoiser_class = FluxTransformer2DModel
+    subfolder = "transformer"
+    kohya_prefix = "lora_transformer_"
+    # attention projections of the double blocks (image to_*, text add_*) and of the single blocks
+    # (their attn.to_q/k/v); all are in ComfyUI's Flux key map
+    default_targets = ("to_q", "to_k", "to_v", "to_out.0",
+                       "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    conditioning = {"prompt_embeds": 2, "pooled_prompt_embeds": 1}
+
+    def matches(self, config):
+        return config.get("_class_name") == "FluxTransformer2DModel"
+
+    def matches_checkpoint(self, state_dict):
+        return has_checkpoint_key(state_dict, "double_blocks.0.img_attn.norm.key_norm.scale")
+
+    def latent_channels(self, model):
+        return model.config.in_channels // 4  # the transformer sees 2x2 patches
+
+    def check_conditioning(self, model, shapes):
+        check_text_conditioning(model, shapes)
+        height, width = shapes["latents"][-2:]
+        if height % 2 or width % 2:
+            raise TrainerError(f"--latents: Flux packs latents in 2x2 patches; latent size {height}x{width} "
+                               "is odd")
+
+    def make_objective(self, loaded, options):
+        default = DEV_SCHEDULER if loaded.denoiser.config.guidance_embeds else SCHNELL_SCHEDULER
+        return FlowMatchObjective(loaded.scheduler_config or default, options, patch_size=2,
+                                  model_inputs={"guidance": options.guidance})
+
+    def forward(self, model, noisy, timesteps, batch, guidance: float = 1.0):
+        b, _, h, w = noisy.shape
+        prompt = batch["prompt_embeds"]
+        guidance_values = None
+        if model.config.guidance_embeds:
+            guidance_values = torch.full((b,), guidance, device=noisy.device, dtype=torch.float32)
+        tokens = model(
+            hidden_states=pack(noisy),
+            encoder_hidden_states=prompt,
+            pooled_projections=batch["pooled_prompt_embeds"],
+            timestep=timesteps / 1000,  # the transformer scales by 1000 itself, as FluxPipeline assumes
+            img_ids=image_ids(h // 2, w // 2, noisy.device),
+            txt_ids=torch.zeros(prompt.shape[1], 3, device=noisy.device),
+            guidance=guidance_values,
+            return_dict=False,
+        )[0]
+        return unpack(tokens, h, w)
+
+    def base_model_version(self, model):
+        return "flux1"  # kohya's value for FLUX.1 dev and schnell
+
+    def file_tensors(self, module, tensors):
+        if "lora_down.weight" in tensors:
+            return peft_file_tensors(module, tensors, fold_alpha=False)
+        return super().file_tensors(module, tensors)

@@ -1,0 +1,103 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT (``SD3Transformer2DModel``) trained by rectified flow.
+
+Conditioning: ``prompt_embeds`` [L, 4096] (CLIP-L + CLIP-G padded, concatenated with T5 along the
+tokens) and ``pooled_prompt_embeds`` [2048] (both CLIP pooled outputs). The noise levels are
+shifted by the scheduler config's ``shift`` (3.0 for SD3/3.5).
+
+File layout (SPEC section 5): LoRA tensors under diffusers names,
+``transformer.<module>.lora_A.weight`` / ``lora_B.weight``, which ComfyUI maps for SD3 and
+diffusers' ``StableDiffusion3Pipeline.load_lora_weights`` reads. Neither reads an alpha both
+understand: ComfyUI only reads ``<key>.alpha`` tensors, and diffusers' SD3 loader rejects a file
+holding any key without "lora" in it, so an alpha tensor makes diffusers refuse the file. Both
+apply scale 1 to a file without alpha, so ``alpha / rank`` is folded into ``lora_B`` and the file's
+alpha is its rank (``ss_network_alpha``). Other algorithms keep LyCORIS tensors under
+``lora_transformer_<module with _>``, a name ComfyUI maps for SD3 (OneTrainer's).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from ..errors import TrainerError
+from ..objectives import FlowMatchObjective
+from .base import ModelFamily, has_checkpoint_key, register_family
+
+#: FlowMatchEulerDiscreteScheduler config of SD3 medium and SD3.5, for a model without a scheduler/ folder
+DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                     "shift": 3.0}
+
+
+def peft_file_tensors(module: str, tensors: dict[str, torch.Tensor],
+                      fold_alpha: bool) -> dict[str, torch.Tensor]:
+    """A LoRA module's tensors under diffusers/PEFT names (``transformer.<module>.lora_A.weight``);
+    ``fold_alpha`` multiplies ``lora_B`` by ``alpha / rank`` and drops the alpha tensor."""
+    down, up, alpha = tensors["lora_down.weight"], tensors["lora_up.weight"], tensors["alpha"]
+    key = f"transformer.{module}"
+    if fold_alpha:
+        return {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up * (alpha / down.shape[0])}
+    return {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, f"{key}.alpha": alpha}
+
+
+def check_text_conditioning(model, shapes: dict[str, tuple[int, ...]]) -> None:
+    """prompt_embeds / pooled_prompt_embeds widths against an MMDiT's config (SD3 and Flux)."""
+    config = model.config
+    widths = {"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"}
+    for name, field in widths.items():
+        dim = shapes[name][-1]
+        if dim != config[field]:
+            raise TrainerError(f"{name} have {dim} features but the model's {field} is {config[field]}: "
+                               "the conditioning was encoded for another model")
+
+
+@register_family
+class StableDiffusion3(ModelFamily):
+    name = "sd3"
+    denoiser_class = SD3Transformer2DModel
+    subfolder = "transformer"
+    kohya_prefix = "lora_transformer_"
+    # the joint attention's projections, image (to_*) and text (add_*) streams; "attn." keeps SD3.5
+    # medium's second image attention (attn2) out, which ComfyUI's SD3 key map does not cover
+    default_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                       "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+    conditioning = {"prompt_embeds": 2, "pooled_prompt_embeds": 1}
+
+    def matches(self, config):
+        return config.get("_class_name") == "SD3Transformer2DModel"
+
+    def matches_checkpoint(self, state_dict):
+        return has_checkpoint_key(state_dict, "joint_blocks.0.context_block.adaLN_modulation.1.bias")
+
+    def check_conditioning(self, model, shapes):
+        check_text_conditioning(model, shapes)
+        p, limit = model.config.patch_size, model.config.pos_embed_max_size
+        height, width = shapes["latents"][-2:]
+        if height % p or width % p:
+            raise TrainerError(f"--latents: latent size {height}x{width} is not a multiple of the patch "
+                               f"size {p}")
+        if limit is not None and max(height, width) > limit * p:
+            raise TrainerError(f"--latents: latent size {height}x{width} exceeds the model's position "
+                               f"embedding ({limit * p} latent pixels a side)")
+
+    def make_objective(self, loaded, options):
+        return FlowMatchObjective(loaded.scheduler_config or DEFAULT_SCHEDULER, options,
+                                  patch_size=loaded.denoiser.config.patch_size)
+
+    def forward(self, model, noisy, timesteps, batch):
+        return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=batch["prompt_embeds"],
+                     pooled_projections=batch["pooled_prompt_embeds"], return_dict=False)[0]
+
+    def base_model_version(self, model):
+        if model.config.dual_attention_layers:
+            return "sd3.5_medium"
+        return "sd3.5_large" if model.config.num_layers >= 38 else "sd3"
+
+    def file_tensors(self, module, tensors):
+        if "lora_down.weight" in tensors:
+            return peft_file_tensors(module, tensors, fold_alpha=True)
+        return super().file_tensors(module, tensors)
+
+    def file_metadata(self, tensors, rank, alpha):
+        if any(key.endswith(".alpha") for key in tensors):
+            return {}
+        return {"ss_network_alpha": str(float(rank))}  # alpha / rank is folded into lora_B
