@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from trainer.demo import DEMO_UNET_CONFIG, build_demo_model  # noqa: E402
+from trainer.demo import DEMO_UNET_CONFIG, build_demo_model
 
 #: fast defaults for library calls in tests: fp32, so results compare tightly
 FAST = dict(steps=2, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False, log_every=1)

@@ -20,6 +20,6 @@ def failing_step(*args, **kwargs):
 
 trainer.loop.train_step = failing_step
 
-from trainer.cli import main  # noqa: E402
+from trainer.cli import main
 
 sys.exit(main())

@@ -107,7 +107,7 @@ def output(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASES)
 def test_trains_and_writes_lycoris_names(trained, case):
-    algorithm, rank, alpha, suffixes = CASES[case]
+    algorithm, _, _, suffixes = CASES[case]
     res = trained(case)
     assert res.steps == 2 and all(math.isfinite(v) for v in res.loss["loss"])
     modules = by_module(res.lora)

@@ -166,7 +166,7 @@ def test_diffusers_alpha_pattern_and_per_module_rank(trained, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     _, layers, _ = trained
-    first = sorted(layers)[0]
+    first = min(layers)
     state = rekey(layers, lambda name: name, "lora_A.weight", "lora_B.weight", alpha=None)
     state[f"{first}.lora_A.weight"] = torch.ones(2, layers[first][0].shape[1])
     state[f"{first}.lora_B.weight"] = torch.ones(layers[first][1].shape[0], 2)

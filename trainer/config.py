@@ -112,7 +112,7 @@ class TrainConfig:
 
     # -- constructors --------------------------------------------------------------------
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_mapping(cls, values: dict[str, Any]) -> TrainConfig:
         """Build a config from a mapping of names to values; unknown names are errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)

@@ -281,7 +281,7 @@ def _stack(values) -> torch.Tensor:
 # ----------------------------------------------------------------------------- batching
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 64-bit hash of integers (splitmix64 steps): independent seeds for epochs and samples."""
     h = 0x9E3779B97F4A7C15
     for v in values:
@@ -354,14 +354,14 @@ class StepBatchSampler:
         """The rows of one epoch in stream order (only the first ``epoch_length`` are used)."""
         if len(self.buckets) == 1:
             rows = self.buckets[0][1]
-            g = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 0x5EED, epoch))
             return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
         G, batches = self.global_batch, []
         for b, rows in self.buckets:
-            g = torch.Generator().manual_seed(_mix(self.seed, 0x5EED, epoch, b))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 0x5EED, epoch, b))
             permuted = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
             batches += [permuted[k:k + G] for k in range(0, len(permuted) - G + 1, G)]
-        g = torch.Generator().manual_seed(_mix(self.seed, 0xB0C7, epoch))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 0xB0C7, epoch))
         return [row for k in torch.randperm(len(batches), generator=g).tolist() for row in batches[k]]
 
     def __iter__(self):
@@ -391,7 +391,7 @@ class LatentBatches(torch.utils.data.Dataset):
         shape = batch[LATENTS].shape[1:]
         noise, u = [], []
         for position, _ in keys:
-            g = torch.Generator().manual_seed(_mix(self.seed, position))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, position))
             noise.append(torch.randn(shape, generator=g))
             u.append(torch.rand((), generator=g))
         batch["noise"] = torch.stack(noise)

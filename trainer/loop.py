@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -25,6 +24,7 @@ from .adapters import adapter_layers, attach_adapter, export_adapter, get_algori
 from .checkpoint import Progress
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader
+from .distributed import cpu_only_multiprocess
 from .errors import TrainerError
 from .losses import get_loss
 from .models import load_model
@@ -340,17 +340,6 @@ def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def _cpu_only_multiprocess() -> bool:
-    """Several processes (torchrun set WORLD_SIZE) on a machine without any accelerator: run them on
-    the CPU over gloo. accelerate's own CPU launcher needs MPI; its multi-GPU launcher (torchrun)
-    works everywhere, but then accelerate must be told that there is no GPU to bind to."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    accelerators = (torch.cuda.is_available(), getattr(torch, "xpu", None) is not None and torch.xpu.is_available(),
-                    torch.backends.mps.is_available())
-    return not any(accelerators)
-
-
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     from accelerate.utils import is_tensorboard_available, is_wandb_available
 
@@ -366,7 +355,7 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
         AcceleratorState._reset_state()
         GradientState._reset_state()
     return Accelerator(
-        cpu=_cpu_only_multiprocess(),
+        cpu=cpu_only_multiprocess(),
         gradient_accumulation_steps=cfg.grad_accumulation_steps,
         mixed_precision="bf16" if cfg.training_dtype == "bf16" else "no",
         dynamo_backend="inductor" if cfg.compile else "no",

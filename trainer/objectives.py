@@ -21,8 +21,9 @@ per-sample loss weights.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
@@ -48,7 +49,7 @@ class ObjectiveOptions:
     guidance: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "ObjectiveOptions":
+    def from_config(cls, cfg: Any) -> ObjectiveOptions:
         return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
 
 
@@ -183,7 +184,7 @@ class FlowShift:
     shift_type: str = "exponential"
 
     @classmethod
-    def from_scheduler_config(cls, config: dict) -> "FlowShift":
+    def from_scheduler_config(cls, config: dict) -> FlowShift:
         full = FlowMatchEulerDiscreteScheduler.from_config(config).config  # fills in the defaults
         return cls(shift=float(full.shift), dynamic=bool(full.use_dynamic_shifting),
                    base_seq_len=full.base_image_seq_len, max_seq_len=full.max_image_seq_len,

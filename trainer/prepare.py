@@ -555,14 +555,14 @@ def _pixels(src: Source) -> torch.Tensor:
 def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
                   cfg: PrepareConfig) -> list[Skipped]:
     """Encode one batch (one bucket) with the VAE into the cache; returns images that failed to decode."""
-    from .data import _mix
+    from .data import mix_seed
 
     pixels, done, failed = [], [], []
     for src in sources:
         try:
             pixels.append(_pixels(src))
             done.append(src)
-        except Exception as e:  # noqa: BLE001  PIL raises many types for truncated or corrupt files
+        except Exception as e:
             failed.append(Skipped(src.name, "unreadable", f"unreadable: {type(e).__name__}: {e}"))
     if not done:
         return failed
@@ -572,7 +572,7 @@ def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
     if cfg.sample_latents:
         # each image's noise comes from its own key, so the sample does not depend on the batch or process
         noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
-            _mix(cfg.seed, int(src.key[:16], 16)))) for src in done])
+            mix_seed(cfg.seed, int(src.key[:16], 16)))) for src in done])
         latents = latents + dist.std * noise.to(latents.device, latents.dtype)
     scale, shift = model.latent_scale
     latents = (latents - shift) * scale  # diffusers' convention: the denoiser sees (z - shift) * scale
@@ -623,9 +623,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    from .loop import _cpu_only_multiprocess
+    from .distributed import cpu_only_multiprocess
 
-    state = PartialState(cpu=_cpu_only_multiprocess())
+    state = PartialState(cpu=cpu_only_multiprocess())
     model = inspect_model(cfg)
     work = plan(cfg, model)
     if not work.sources:

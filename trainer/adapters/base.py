@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from peft import PeftConfig
@@ -13,15 +14,15 @@ from ..errors import TrainerError
 #: the single adapter this trainer trains, as peft names it
 ADAPTER_NAME = "default"
 
-ALGORITHMS: dict[str, "Algorithm"] = {}
+ALGORITHMS: dict[str, Algorithm] = {}
 
 
-def register_algorithm(cls: type["Algorithm"]) -> type["Algorithm"]:
+def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
     ALGORITHMS[cls.name] = cls()
     return cls
 
 
-def get_algorithm(name: str) -> "Algorithm":
+def get_algorithm(name: str) -> Algorithm:
     try:
         return ALGORITHMS[name]
     except KeyError:

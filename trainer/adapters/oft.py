@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +78,8 @@ class DiagOFTConfig(LycorisConfig):
 
     r: int = field(default=8, metadata={"help": "factorization(out_features, r) = (block size, blocks)"})
     alpha: float = field(default=0.0, metadata={"help": "max Frobenius norm of a layer's Q; 0: none"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "to adapt"})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "to skip"})
+    target_modules: list[str] | str | None = field(default=None, metadata={"help": "to adapt"})
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "to skip"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -124,7 +124,7 @@ class DiagOFTLayer(nn.Module, BaseTunerLayer):
                 weight = rotate(weight, self.rotation(name))
         return weight
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         weight = self.base_layer.weight
         for name in check_adapters_to_merge(self, adapter_names):
             if name in self.oft_blocks:

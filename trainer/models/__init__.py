@@ -4,8 +4,8 @@ Each family is one module that registers a :class:`ModelFamily`; the training lo
 that interface, so adding a family never touches the loop.
 """
 
+from . import flux, sd, sd3, sdxl  # noqa: F401  (register the families)
 from .base import FAMILIES, LoadedModel, ModelFamily, get_family, register_family
 from .loading import load_model
-from . import sd, sdxl, sd3, flux  # noqa: F401  (register the families)
 
 __all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "get_family", "load_model", "register_family"]

@@ -11,16 +11,16 @@ import torch
 from ..errors import TrainerError
 from ..objectives import ObjectiveOptions
 
-FAMILIES: dict[str, "ModelFamily"] = {}
+FAMILIES: dict[str, ModelFamily] = {}
 
 
-def register_family(cls: type["ModelFamily"]) -> type["ModelFamily"]:
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
     """Class decorator: make a family available by its ``name`` to detection and ``--model_family``."""
     FAMILIES[cls.name] = cls()
     return cls
 
 
-def get_family(name: str) -> "ModelFamily":
+def get_family(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]
     except KeyError:
@@ -58,7 +58,7 @@ class ModelFamily:
         """Raise :class:`TrainerError` if rows of these shapes (``latents`` and the conditioning
         columns, per row) cannot feed ``model``."""
 
-    def make_objective(self, loaded: "LoadedModel", options: ObjectiveOptions):
+    def make_objective(self, loaded: LoadedModel, options: ObjectiveOptions):
         """The run's objective (:mod:`trainer.objectives`), with the constant keyword inputs of
         :meth:`forward` in its ``model_inputs``."""
         raise NotImplementedError

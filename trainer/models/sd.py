@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import UNet2DConditionModel
 
 from ..errors import TrainerError
