@@ -129,9 +129,10 @@ def trainer_step_time(unet_dir: Path, data_dir: Path, out: Path, args) -> float:
 
 def data_throughput(data_dir: Path, args, rows: int | None = None) -> float:
     """Samples/s the real latent pipeline delivers alone: random access, collate, noise draws."""
+    from diffusers import UNet2DConditionModel
+
     from trainer.data import StepBatchSampler, TrainingData, build_dataloader
     from trainer.models import get_family
-    from diffusers import UNet2DConditionModel
 
     model = UNet2DConditionModel.from_config(unet_config(8, args.resolution, args.cross_dim) |
                                              {"block_out_channels": (32, 32, 32)})
