@@ -226,3 +226,15 @@ def test_merged_model_is_a_pipeline_folder_with_the_same_effect(pipeline_dir, tm
 def test_dataloader_workers_give_the_same_run():
     a, b = run(num_workers=0), run(num_workers=2)
     assert torch.equal(adapter_vector(a), adapter_vector(b)) and a.loss == b.loss
+
+
+def test_single_file_checkpoint_that_does_not_fit_the_builtin_config(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.errors import TrainerError
+    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(diffusers_to_ldm_state_dict(build_demo_model()), str(path))
+    with pytest.raises(TrainerError, match="does not fit the built-in sd config.*--model_config"):
+        train_lora(str(path), make_dataset(), **FAST)

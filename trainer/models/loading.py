@@ -108,8 +108,13 @@ def _from_single_file(path: Path, family: str, model_config: str | None) -> Load
         fam = _single_file_family(state_dict, family, path)
         config_root, scheduler_config = fam.single_file_config(state_dict)
         subfolder, vae_scale_factor = fam.subfolder, 8
-    model = fam.denoiser_class.from_single_file(state_dict, config=str(config_root), subfolder=subfolder,
-                                                local_files_only=True)
+    try:
+        model = fam.denoiser_class.from_single_file(state_dict, config=str(config_root), subfolder=subfolder,
+                                                    local_files_only=True)
+    except (ValueError, KeyError, RuntimeError) as e:  # diffusers' converters raise these on a mismatch
+        where = "--model_config" if model_config is not None else f"the built-in {fam.name} config"
+        raise TrainerError(f"--model: {path.name} does not fit {where} ({str(e).splitlines()[0][:200]}); "
+                           "pass --model_config with the checkpoint's diffusers config folder") from None
     return LoadedModel(fam, model, scheduler_config, "", str(path), "single_file",
                        vae_scale_factor=vae_scale_factor)
 
