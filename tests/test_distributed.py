@@ -131,3 +131,33 @@ def test_every_launch_config_loads_with_accelerates_own_loader():
     assert load_config_from_file(str(CONFIGS / "multi_node.yaml")).num_machines == 2
     slurm = (CONFIGS / "slurm.sbatch").read_text()
     assert "srun" in slurm and "accelerate launch" in slurm and "--machine_rank \\$SLURM_NODEID" in slurm
+
+
+def test_sigterm_stops_every_rank_together_with_a_checkpoint(tmp_path, latents):
+    """Preemption under the launcher: torchrun passes SIGTERM on to every rank; they agree on the step,
+    save one full checkpoint and the adapter, and a resumed run finishes from there."""
+    import signal
+
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    cmd = launch_command(cpu_processes(2), out, latents, batch_size=1, steps=100000, checkpointing_steps=5)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step-00000005").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    with safe_open(str(out / "lora.safetensors"), "pt") as f:
+        steps = int(f.metadata()["ss_steps"])
+    assert steps >= 5, err[-2000:]
+    saved = json.loads((out / "checkpoints" / f"step-{steps:08d}" / "progress.json").read_text())
+    assert saved["done"] == steps and len(saved["losses"]) == steps
+    resumed = subprocess.run(launch_command(cpu_processes(2), out, latents, batch_size=1, steps=steps + 2,
+                                            resume_from_checkpoint="latest"),
+                             capture_output=True, text=True, timeout=240, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "result.json").read_text())["steps"] == steps + 2

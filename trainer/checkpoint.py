@@ -66,7 +66,7 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
         from safetensors.torch import load_file
 
         model = accelerator.unwrap_model(models[0])
-        state = load_file(os.path.join(input_dir, ADAPTER_FILE), device=str(accelerator.device))
+        state = load_file(os.path.join(input_dir, ADAPTER_FILE))  # load_state_dict copies to the device
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
             raise TrainerError(f"--resume_from_checkpoint: {input_dir} holds an adapter for other modules "
