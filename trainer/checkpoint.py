@@ -1,5 +1,6 @@
 """Full-state checkpoints: accelerate's ``save_state``/``load_state`` with hooks that keep only the
-adapter (never the frozen model), plus the run's progress, written atomically.
+adapter (never the frozen model), plus the run's progress, written atomically. Under FSDP and DeepSpeed, whose own formats hold the (sharded) model
+and optimizer state, accelerate saves those as it does and the hooks add only the progress.
 
 Layout: ``<output_dir>/checkpoints/step-00000004/`` holding accelerate's files (optimizer, RNG
 states), ``adapter.safetensors`` (peft's state dict, fp32) and ``progress.json`` (steps done, the
@@ -24,6 +25,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .adapters import ADAPTER_NAME
+from .distributed import shards_the_model
 from .errors import TrainerError
 
 logger = logging.getLogger(__name__)
@@ -53,16 +55,23 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
+            Path(output_dir, PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
+        if shards_the_model(accelerator):
+            return  # FSDP/DeepSpeed write the model and optimizer state their own way
+        if accelerator.is_main_process:
             from safetensors.torch import save_file
 
             model = accelerator.unwrap_model(models[0])
             state = {k: v.detach().float().contiguous().cpu()
                      for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
             save_file(state, os.path.join(output_dir, ADAPTER_FILE))
-            Path(output_dir, PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
         weights.clear()  # nothing else of the model: its frozen weights are the base model's
 
     def load_hook(models, input_dir):
+        saved = json.loads(Path(input_dir, PROGRESS_FILE).read_text())
+        progress.done, progress.base, progress.losses = saved["done"], saved["base"], saved["losses"]
+        if shards_the_model(accelerator):
+            return  # FSDP/DeepSpeed restore the model from their own checkpoint
         from safetensors.torch import load_file
 
         model = accelerator.unwrap_model(models[0])
@@ -71,8 +80,6 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
         if getattr(result, "unexpected_keys", None):
             raise TrainerError(f"--resume_from_checkpoint: {input_dir} holds an adapter for other modules "
                                f"({result.unexpected_keys[:3]}...)")
-        saved = json.loads(Path(input_dir, PROGRESS_FILE).read_text())
-        progress.done, progress.base, progress.losses = saved["done"], saved["base"], saved["losses"]
         models.clear()  # the adapter is loaded; accelerate must not look for a full model file
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -129,9 +136,9 @@ def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
             return None
         return found[-1][1]
     path = Path(spec)
-    if not (path / PROGRESS_FILE).is_file() or not (path / ADAPTER_FILE).is_file():
+    if not (path / PROGRESS_FILE).is_file():
         raise TrainerError(f"--resume_from_checkpoint: {path} is not a complete checkpoint folder "
-                           f"(expected {PROGRESS_FILE} and {ADAPTER_FILE})")
+                           f"(expected {PROGRESS_FILE})")
     return path
 
 

@@ -24,7 +24,7 @@ from .adapters import adapter_layers, attach_adapter, export_adapter, get_algori
 from .checkpoint import Progress
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader
-from .distributed import cpu_only_multiprocess
+from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
 from .losses import get_loss
 from .models import load_model
@@ -285,7 +285,8 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     model = accelerator.unwrap_model(denoiser)
     model.eval()
     family, dtype = run.loaded.family, _DTYPES[cfg.lora_dtype]
-    lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
+    with full_parameters(accelerator, denoiser):
+        lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
     for name, offsets in run.offsets.items():  # unchanged: ComfyUI reads them under kohya names too
         for key, tensor in family.file_tensors(name, offsets).items():
             lora[key] = tensor.to(dtype).contiguous()
