@@ -1,6 +1,7 @@
 """Full-state checkpoints: accelerate's ``save_state``/``load_state`` with hooks that keep only the
-adapter (never the frozen model), plus the run's progress, written atomically. Under FSDP and DeepSpeed, whose own formats hold the (sharded) model
-and optimizer state, accelerate saves those as it does and the hooks add only the progress.
+adapter (never the frozen model), plus the run's progress, written atomically. Under FSDP and
+DeepSpeed, whose own formats hold the (sharded) model and optimizer state, accelerate saves those
+as it does and the hooks add only the progress.
 
 Layout: ``<output_dir>/checkpoints/step-00000004/`` holding accelerate's files (optimizer, RNG
 states), ``adapter.safetensors`` (peft's state dict, fp32) and ``progress.json`` (steps done, the
