@@ -168,3 +168,15 @@ def test_sampler_reshuffles_each_epoch_and_resumes_mid_stream():
 def test_global_batch_larger_than_dataset_is_an_error():
     with pytest.raises(TrainerError, match="larger than the dataset"):
         train_lora("demo", make_dataset(rows=3), batch_size=4, **FAST)
+
+
+def test_rows_with_a_leading_batch_dimension_of_one_are_read_as_rows():
+    """Latents saved as [1, C, H, W] and embeddings as [1, L, D] (encoder outputs as they come)."""
+    from datasets import Dataset
+
+    flat = make_dataset(rows=3)
+    batched = Dataset.from_dict({"latents": [np.asarray(r)[None] for r in flat["latents"]],
+                                 "prompt_embeds": [np.asarray(r)[None] for r in flat["prompt_embeds"]]})
+    got, expected = training_data(batched).rows([2, 0]), training_data(flat).rows([2, 0])
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])

@@ -212,6 +212,17 @@ class TrainingData:
                         raise TrainerError(f"{where} has shape {shape} but earlier rows have {shapes[name]}: "
                                            "conditioning must have one shape in every row")
                 _check_finite(rows, f"--latents: column '{name}'", start)
+        # rows saved with a leading batch dimension of 1 (a VAE's or text encoder's output as it
+        # comes, e.g. [1, 4, 64, 64]) are read as the row itself
+        self.squeezed: set[str] = set()
+        if all(len(shape) == 4 and shape[0] == 1 for shape in groups):
+            groups = {shape[1:]: rows for shape, rows in groups.items()}
+            self.squeezed.add(LATENTS)
+        for c in self.columns:
+            shape = shapes[c.name]
+            if c.table is None and len(shape) == self.column_ndims[c.name] + 1 and shape[0] == 1:
+                shapes[c.name] = shape[1:]
+                self.squeezed.add(c.name)
         shapes[LATENTS] = next(iter(groups))
         for shape, rows in groups.items():
             if len(shape) != 3:
@@ -239,6 +250,8 @@ class TrainingData:
             else:
                 rows = torch.as_tensor(indices) if len(c.table) > 1 else torch.zeros(len(indices), dtype=torch.long)
                 out[c.name] = c.table[rows]
+        for name in self.squeezed:
+            out[name] = out[name].squeeze(1)
         return out
 
 
