@@ -62,7 +62,7 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
         if accelerator.is_main_process:
             from safetensors.torch import save_file
 
-            model = accelerator.unwrap_model(models[0])
+            model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
             state = {k: v.detach().float().contiguous().cpu()
                      for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
             save_file(state, os.path.join(output_dir, ADAPTER_FILE))
@@ -75,7 +75,7 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
             return  # FSDP/DeepSpeed restore the model from their own checkpoint
         from safetensors.torch import load_file
 
-        model = accelerator.unwrap_model(models[0])
+        model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
         state = load_file(os.path.join(input_dir, ADAPTER_FILE))  # load_state_dict copies to the device
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):

@@ -282,7 +282,7 @@ def should_stop(accelerator: Accelerator, stop: threading.Event, at_log_step: bo
 def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_second: float,
            wall_seconds: float) -> TrainResult:
     cfg, progress = run.cfg, run.progress
-    model = accelerator.unwrap_model(denoiser)
+    model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
     model.eval()
     family, dtype = run.loaded.family, _DTYPES[cfg.lora_dtype]
     with full_parameters(accelerator, denoiser):
