@@ -180,3 +180,8 @@ def test_rows_with_a_leading_batch_dimension_of_one_are_read_as_rows():
     got, expected = training_data(batched).rows([2, 0]), training_data(flat).rows([2, 0])
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
+
+
+def test_a_missing_dataset_fails_before_the_model_is_loaded(tmp_path):
+    with pytest.raises(TrainerError, match="--latents: no such file"):
+        train_lora(str(tmp_path / "no_model_here"), str(tmp_path / "no_data_here"), **FAST)

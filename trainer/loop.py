@@ -23,7 +23,7 @@ from . import checkpoint
 from .adapters import adapter_layers, attach_adapter, export_adapter, get_algorithm
 from .checkpoint import Progress
 from .config import TrainConfig
-from .data import StepBatchSampler, TrainingData, build_dataloader
+from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
 from .losses import get_loss
@@ -142,11 +142,12 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
 
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
     """Load the model and data, attach the adapter (fresh or from ``existing_lora``)."""
+    # open the dataset first: a wrong path fails in a second, not after loading a large model
+    dataset = open_dataset(cfg.latents if latents is None else latents, "--latents")
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config)
     family, denoiser = loaded.family, loaded.denoiser
-    data = TrainingData(cfg.latents if latents is None else latents,
-                        cfg.positive if positive is None else positive, family, denoiser)
+    data = TrainingData(dataset, cfg.positive if positive is None else positive, family, denoiser)
     targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()
