@@ -10,16 +10,20 @@ from .config import parse_args
 from .errors import ConfigError, TrainerError
 
 
+def configure_logging() -> None:
+    """INFO on the main process, errors only on the others (accelerate launch / torchrun set RANK)."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    # only the main process reports (accelerate launch / torchrun set RANK on every process)
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from .loop import train  # heavy imports (torch, diffusers) only after the parameters are valid
 
     try:

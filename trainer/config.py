@@ -196,13 +196,16 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit; we want one line and our exit code
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises :class:`ConfigError` instead of printing usage and exiting, so every
+    command reports a bad flag as one line with its own exit code."""
+
+    def error(self, message):
         raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="train.py",
         description="Train a LoRA (or LoHa, LoKr, OFT) on a diffusion model from a latents dataset. "
         "With no arguments, runs a small built-in demo.",

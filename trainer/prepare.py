@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from .cli import configure_logging
+from .config import OneLineParser
 from .errors import ConfigError, TrainerError
 
 logger = logging.getLogger("trainer.prepare")  # also when run as __main__
@@ -437,17 +439,18 @@ class ModelInfo:
 def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     """Read the pipeline folder's configs: family, VAE, bucket geometry. Raises TrainerError."""
     from .models import FAMILIES, get_family
+    from .models.base import read_json
 
     path = Path(cfg.model)
     if not (path / "model_index.json").is_file():
         raise TrainerError(f"--model: {path} is not a diffusers pipeline folder (no model_index.json); "
                            "preparing data needs the whole pipeline, with its VAE and text encoders")
-    index = _read_json(path / "model_index.json")
+    index = read_json(path / "model_index.json")
     denoiser = next((sub for sub in ("transformer", "unet")
                      if sub in index and (path / sub / "config.json").is_file()), None)
     if denoiser is None:
         raise TrainerError(f"--model: {path} has no unet/ or transformer/ with a config.json")
-    config = _read_json(path / denoiser / "config.json")
+    config = read_json(path / denoiser / "config.json")
     if cfg.model_family != "auto":
         family = get_family(cfg.model_family)
     else:
@@ -462,7 +465,7 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     if not (path / "text_encoder" / "config.json").is_file():
         raise TrainerError(f"--model: {path} has no text_encoder/ to encode captions with")
     vae_file = path / "vae" / "config.json"
-    vae = _read_json(vae_file) if index.get("vae", [None])[0] is not None and vae_file.is_file() else None
+    vae = read_json(vae_file) if index.get("vae", [None])[0] is not None and vae_file.is_file() else None
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
     encoding = TEXT_ENCODINGS[family.name]
     info = ModelInfo(path, family.name, encoding, denoiser, config, vae, vae_factor,
@@ -484,18 +487,13 @@ def _stamp(path: Path, subfolders) -> str:
                                       for p in files])
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainerError(f"cannot read {path}: {e}") from None
-
-
 def load_encoders(model: ModelInfo, dtype: torch.dtype, device: torch.device):
     """The pipeline with only its VAE, text encoders, tokenizers and scheduler loaded."""
     from diffusers import DiffusionPipeline
 
-    index = _read_json(model.path / "model_index.json")
+    from .models.base import read_json
+
+    index = read_json(model.path / "model_index.json")
     leave_out = {name: None for name, value in index.items()
                  if isinstance(value, list) and name not in ENCODER_COMPONENTS}
     if model.vae is None:
@@ -789,7 +787,7 @@ def _skip_summary(skipped: list[Skipped]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora-prepare", description="Encode a folder of images and captions (or ComfyUI "
+    parser = OneLineParser(prog="lora-prepare", description="Encode a folder of images and captions (or ComfyUI "
                      ".latent files) into a latents dataset for train.py --latents.")
     for f in fields(PrepareConfig):
         kind, required = f.metadata["type"], f.default is MISSING
@@ -803,20 +801,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and our exit code, as train.py does
-        raise ConfigError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = PrepareConfig(**vars(build_parser().parse_args(argv)))
     except ConfigError as e:
         print(f"lora-prepare: error: {e}", file=sys.stderr)
         return 2
-    main_process = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun set RANK
-    logging.basicConfig(level=logging.INFO if main_process else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         result = prepare(cfg)
     except ConfigError as e:  # a parameter that does not suit the model (e.g. --bucket_step)

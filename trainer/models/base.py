@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -109,3 +110,11 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     #: pixels per latent pixel, from the pipeline's VAE config when there is one (SD/SDXL/SD3/Flux: 8)
     vae_scale_factor: int = 8
+
+
+def read_json(path: Path) -> dict:
+    """A JSON config file; a missing or malformed one is a :class:`TrainerError` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainerError(f"cannot read {path}: {e}") from None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from ..errors import TrainerError
-from .base import FAMILIES, LoadedModel, ModelFamily, get_family
+from .base import FAMILIES, LoadedModel, ModelFamily, get_family, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +56,11 @@ def _from_path(path: Path, family: str, model_config: str | None) -> LoadedModel
     if (path / "model_index.json").is_file():
         return _from_pipeline(path, family)
     if (path / "config.json").is_file():
-        config = _read_json(path / "config.json")
+        config = read_json(path / "config.json")
         fam = _detect(config, family, str(path))
         model = fam.denoiser_class.from_pretrained(path)
         sibling = path.parent / "scheduler" / "scheduler_config.json"
-        scheduler_config = _read_json(sibling) if sibling.is_file() else None
+        scheduler_config = read_json(sibling) if sibling.is_file() else None
         return LoadedModel(fam, model, scheduler_config, "", str(path), "folder",
                            vae_scale_factor=_vae_scale_factor(path.parent))
     raise TrainerError(f"--model: {path} is neither a diffusers pipeline folder (model_index.json) nor a "
@@ -69,13 +68,13 @@ def _from_path(path: Path, family: str, model_config: str | None) -> LoadedModel
 
 
 def _from_pipeline(path: Path, family: str) -> LoadedModel:
-    index = _read_json(path / "model_index.json")
+    index = read_json(path / "model_index.json")
     for subfolder in ("transformer", "unet"):
         if subfolder in index and (path / subfolder / "config.json").is_file():
-            fam = _detect(_read_json(path / subfolder / "config.json"), family, str(path / subfolder))
+            fam = _detect(read_json(path / subfolder / "config.json"), family, str(path / subfolder))
             model = fam.denoiser_class.from_pretrained(path, subfolder=subfolder)
             scheduler_file = path / "scheduler" / "scheduler_config.json"
-            scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else None
+            scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else None
             return LoadedModel(fam, model, scheduler_config, "", str(path), "pipeline",
                                extra={"subfolder": subfolder}, vae_scale_factor=_vae_scale_factor(path))
     raise TrainerError(f"--model: pipeline folder {path} has no unet/ or transformer/ with a config.json")
@@ -99,9 +98,9 @@ def _from_single_file(path: Path, family: str, model_config: str | None) -> Load
                                         config_root / "transformer" / "config.json") if p.is_file()), None)
         if config_file is None:
             raise TrainerError(f"--model_config: no config.json in {config_root} (or its unet/, transformer/)")
-        fam = _detect(_read_json(config_file), family, str(config_file))
+        fam = _detect(read_json(config_file), family, str(config_file))
         scheduler_file = config_file.parent.parent / "scheduler" / "scheduler_config.json"
-        scheduler_config = _read_json(scheduler_file) if scheduler_file.is_file() else None
+        scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else None
         subfolder = None if config_file.parent == config_root else config_file.parent.name
         vae_scale_factor = _vae_scale_factor(config_file.parent.parent)
     else:
@@ -139,7 +138,7 @@ def _vae_scale_factor(pipeline_root: Path) -> int:
     vae_config = pipeline_root / "vae" / "config.json"
     if not vae_config.is_file():
         return 8
-    return 2 ** (len(_read_json(vae_config).get("block_out_channels", [0] * 4)) - 1)
+    return 2 ** (len(read_json(vae_config).get("block_out_channels", [0] * 4)) - 1)
 
 
 def _detect(config: dict, family: str, where: str) -> ModelFamily:
@@ -163,9 +162,3 @@ def _prediction_type(scheduler_config: dict | None, requested: str) -> str:
         return scheduler_config["prediction_type"]
     return "epsilon"
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainerError(f"cannot read {path}: {e}") from None

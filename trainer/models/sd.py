@@ -8,7 +8,7 @@ from diffusers import UNet2DConditionModel
 
 from ..errors import TrainerError
 from ..objectives import DDPMObjective
-from .base import ModelFamily, has_checkpoint_key, register_family
+from .base import ModelFamily, has_checkpoint_key, read_json, register_family
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -61,9 +61,3 @@ class StableDiffusion(ModelFamily):
 
     def base_model_version(self, model):
         return "sd_v2" if model.config.cross_attention_dim == 1024 else "sd_v1"
-
-
-def read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())

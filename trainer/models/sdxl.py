@@ -15,8 +15,8 @@ from diffusers import UNet2DConditionModel
 
 from ..errors import TrainerError
 from ..objectives import DDPMObjective
-from .base import ModelFamily, has_checkpoint_key, register_family
-from .sd import CONFIGS, read_json
+from .base import ModelFamily, has_checkpoint_key, read_json, register_family
+from .sd import CONFIGS
 
 #: the time-id columns, in the order the UNet reads them
 TIME_ID_COLUMNS = ("original_size", "crop_coords", "target_size")
