@@ -122,6 +122,7 @@ class DDPMObjective:
         self.num_train_timesteps = self.scheduler.config.num_train_timesteps
         #: constant keyword inputs of the family's ``forward`` for this run
         self.model_inputs = model_inputs or {}
+        self._device_alphas: torch.Tensor | None = None
 
     def timesteps(self, u: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
         """Map uniform draws in [0, 1) to integer timesteps in [0, T)."""
@@ -132,9 +133,14 @@ class DDPMObjective:
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, t)
 
+    def _alphas_cumprod(self, device: torch.device) -> torch.Tensor:
+        """The schedule's cumulative alphas on ``device``, copied there once (not a transfer per step)."""
+        if self._device_alphas is None or self._device_alphas.device != device:
+            self._device_alphas = self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        return self._device_alphas
+
     def _alphas(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alphas_cumprod = self.scheduler.alphas_cumprod.to(device=like.device, dtype=torch.float32)
-        a = _per_sample(alphas_cumprod[t], like)
+        a = _per_sample(self._alphas_cumprod(like.device)[t], like)
         return a.sqrt(), (1 - a).sqrt()
 
     def loss_pair(self, latents, noise, noisy, prediction, t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +166,7 @@ class DDPMObjective:
         """
         if self.options.loss_weighting != "min_snr":
             return None
-        abar = self.scheduler.alphas_cumprod.to(device=t.device, dtype=torch.float32)[t]
+        abar = self._alphas_cumprod(t.device)[t]
         snr = abar / (1 - abar)
         clipped = snr.clamp(max=self.options.min_snr_gamma)
         if self.objective == "x0":
