@@ -9,13 +9,15 @@ from .loop import TrainResult, train
 
 
 def train_lora(model: Any = "demo", latents: Any = "demo", positive: Any = None, *,
-               write_outputs: bool | None = None, **params: Any) -> TrainResult:
+               write_outputs: bool | None = None, handle_signals: bool = False, **params: Any) -> TrainResult:
     """Train an adapter and return ``model_with_lora``, ``lora``, ``loss`` and ``steps``.
 
     ``model`` is a path (see ``--model``), a diffusers model or pipeline; ``latents`` a path or a
     ``datasets.Dataset``; ``positive`` a path, dataset, tensor or dict of tensors. ``params`` are
     the parameters of ``train.py --help``. Files are written only when ``output_dir`` is given
-    (or ``write_outputs=True``). Raises :class:`~trainer.ConfigError` for a bad parameter and
+    (or ``write_outputs=True``). Signal handlers are the caller's: Ctrl-C raises KeyboardInterrupt as
+    usual; ``handle_signals=True`` makes SIGTERM/SIGINT save a checkpoint and return early instead (as
+    ``train.py`` does, ``result.stopped == "preempted"``). Raises :class:`~trainer.ConfigError` for a bad parameter and
     :class:`~trainer.TrainerError` for bad input.
     """
     paths = {k: v for k, v in (("model", model), ("latents", latents), ("positive", positive))
@@ -25,4 +27,4 @@ def train_lora(model: Any = "demo", latents: Any = "demo", positive: Any = None,
         write_outputs = "output_dir" in params
     objects = {k: v for k, v in (("model", model), ("latents", latents), ("positive", positive))
                if k not in paths}
-    return train(cfg, write_outputs=write_outputs, **objects)
+    return train(cfg, write_outputs=write_outputs, handle_signals=handle_signals, **objects)

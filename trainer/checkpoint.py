@@ -8,6 +8,12 @@ states), ``adapter.safetensors`` (peft's state dict, fp32) and ``progress.json``
 continued file's steps, the losses so far). ``progress.json`` is read for the step count: folder
 names are only labels.
 
+Each checkpoint records the run's identity (the parameters that change the result, see
+``identity`` in config.py, and the number of processes). ``--resume_from_checkpoint`` continues only a
+checkpoint of the same run: ``latest`` skips other runs' checkpoints (and starts fresh, with a warning,
+when none is left) and falls back past checkpoints that cannot be loaded, naming them; an explicit path
+of another run is an error naming the parameters that differ.
+
 Why not accelerate's ``automatic_checkpoint_naming``/``total_limit``: it writes in place (a crash
 mid-save leaves a half checkpoint that "latest" would then pick) and numbers folders by save count,
 not by step. Here each checkpoint is written to a temporary folder and renamed when complete.
@@ -15,12 +21,16 @@ not by step. Here each checkpoint is written to a temporary folder and renamed w
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
+import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -28,6 +38,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from .adapters import ADAPTER_NAME
 from .distributed import shards_the_model
 from .errors import TrainerError
+from .outputs import atomic_path, umask_modes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +56,8 @@ class Progress:
     base: int = 0
     #: per-step losses of the steps done so far
     losses: list[float] = field(default_factory=list)
+    #: what makes this run this run (:func:`run_identity`); a checkpoint resumes only the same run
+    identity: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -56,7 +69,7 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            Path(output_dir, PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
+            write_json(Path(output_dir, PROGRESS_FILE), asdict(progress))
         if shards_the_model(accelerator):
             return  # FSDP/DeepSpeed write the model and optimizer state their own way
         if accelerator.is_main_process:
@@ -65,7 +78,8 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
             model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
             state = {k: v.detach().float().contiguous().cpu()
                      for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
-            save_file(state, os.path.join(output_dir, ADAPTER_FILE))
+            with atomic_path(Path(output_dir, ADAPTER_FILE)) as tmp:
+                save_file(state, str(tmp))
         weights.clear()  # nothing else of the model: its frozen weights are the base model's
 
     def load_hook(models, input_dir):
@@ -76,7 +90,7 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
         from safetensors.torch import load_file
 
         model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
-        state = load_file(os.path.join(input_dir, ADAPTER_FILE))  # load_state_dict copies to the device
+        state = load_file(str(Path(input_dir, ADAPTER_FILE)))  # load_state_dict copies to the device
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
             raise TrainerError(f"--resume_from_checkpoint: {input_dir} holds an adapter for other modules "
@@ -92,13 +106,57 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(steps done, folder) of every complete checkpoint, oldest first."""
+    """(steps done, folder) of every complete checkpoint whose progress can be read, oldest first."""
+    return sorted((saved["done"], folder) for folder, saved in _scan(output_dir) if saved is not None)
+
+
+def _scan(output_dir: str | Path) -> list[tuple[Path, dict | None]]:
+    """(folder, its progress or None when unreadable) of every checkpoint folder with a progress file."""
     found = []
-    for folder in checkpoints_dir(output_dir).glob("step-*"):
-        progress_file = folder / PROGRESS_FILE
-        if folder.is_dir() and progress_file.is_file():
-            found.append((json.loads(progress_file.read_text())["done"], folder))
-    return sorted(found)
+    for folder in sorted(checkpoints_dir(output_dir).glob("step-*")):
+        if folder.is_dir() and (folder / PROGRESS_FILE).is_file():
+            try:
+                found.append((folder, read_progress(folder)))
+            except TrainerError:
+                found.append((folder, None))
+    return found
+
+
+def read_progress(folder: Path) -> dict:
+    """The checkpoint's progress.json; TrainerError if missing or garbage."""
+    try:
+        saved = json.loads((folder / PROGRESS_FILE).read_text())
+        if isinstance(saved, dict) and isinstance(saved.get("done"), int) and isinstance(saved.get("losses"), list):
+            return saved
+        problem = "not a progress record"
+    except FileNotFoundError:
+        raise TrainerError(f"--resume_from_checkpoint: {folder} is not a complete checkpoint folder "
+                           f"(expected {PROGRESS_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = str(e)
+    raise TrainerError(f"--resume_from_checkpoint: {folder / PROGRESS_FILE} is unreadable ({problem})")
+
+
+def run_identity(cfg, num_processes: int) -> dict[str, Any]:
+    """The values that make two runs the same run: the identity parameters of ``cfg`` (a TrainConfig)
+    and the number of processes (the sampler's data order depends on it), as JSON would store them."""
+    return json.loads(json.dumps({**cfg.identity(), "num_processes": num_processes}))
+
+
+def identity_differences(saved: dict | None, current: dict[str, Any]) -> list[str]:
+    """``name: <there> here <now>`` for each identity value that differs. A parameter added to the
+    trainer after the checkpoint was written counts as its default there."""
+    from .config import TrainConfig
+
+    if not saved:
+        return ["it records no run identity (written by an older version of this trainer)"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    differ = []
+    for name, value in current.items():
+        old = saved.get(name, defaults.get(name, "(not recorded)"))
+        if old != value:
+            differ.append(f"{name} {old} there, {value} now")
+    return differ
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, progress: Progress, total_limit: int | None) -> Path:
@@ -110,9 +168,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, progress: Progress, tot
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint only takes the space a retry needs
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        umask_modes(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if total_limit is not None:
@@ -122,25 +185,86 @@ def save_checkpoint(accelerator, output_dir: str | Path, progress: Progress, tot
     return final
 
 
-def resolve_resume(spec: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder that ``--resume_from_checkpoint`` names (``latest`` or a path), or None.
+def resume(accelerator, spec: str | None, output_dir: str | Path, progress: Progress,
+           params: list[torch.nn.Parameter], optimizer) -> Path | None:
+    """Load the checkpoint ``--resume_from_checkpoint`` names (``latest`` or a path) into the prepared
+    model, optimizer and ``progress``; return its folder, or None to start fresh.
 
-    ``latest`` with no checkpoint yet starts from scratch (so the same command can be re-run after a
-    preemption); an explicit path that is not a complete checkpoint is an error.
+    ``latest`` takes the newest checkpoint of this run (same ``progress.identity``) that loads: other
+    runs' checkpoints are skipped with a warning naming what differs, broken ones with a warning
+    naming them; with none left the run starts from scratch (so the same command can be re-run after
+    a preemption). An explicit path must be a loadable checkpoint of this run, else TrainerError.
     """
     if spec is None:
         return None
-    if spec == "latest":
-        found = complete_checkpoints(output_dir)
-        if not found:
-            logger.info("no checkpoint in %s yet: starting from scratch", checkpoints_dir(output_dir))
-            return None
-        return found[-1][1]
-    path = Path(spec)
-    if not (path / PROGRESS_FILE).is_file():
-        raise TrainerError(f"--resume_from_checkpoint: {path} is not a complete checkpoint folder "
-                           f"(expected {PROGRESS_FILE})")
-    return path
+    if spec != "latest":
+        path = Path(spec)
+        differ = identity_differences(read_progress(path).get("identity"), progress.identity)
+        if differ:
+            raise TrainerError(f"--resume_from_checkpoint: {path} is a checkpoint of another run: "
+                               f"{'; '.join(differ)}")
+        problem = _try_load(accelerator, path, progress, params, optimizer)
+        if problem:
+            raise TrainerError(f"--resume_from_checkpoint: cannot load {path}: {problem}")
+        return path
+    mine = []
+    for folder, saved in _scan(output_dir):
+        if saved is None:
+            logger.warning("skipping checkpoint %s: its %s is unreadable", folder, PROGRESS_FILE)
+            continue
+        differ = identity_differences(saved.get("identity"), progress.identity)
+        if differ:
+            logger.warning("skipping checkpoint %s: it belongs to another run (%s)", folder, "; ".join(differ))
+            continue
+        mine.append((saved["done"], folder))
+    for _, folder in sorted(mine, reverse=True):
+        problem = _try_load(accelerator, folder, progress, params, optimizer)
+        if problem is None:
+            return folder
+        logger.warning("skipping checkpoint %s: it cannot be loaded (%s); trying an older one", folder, problem)
+    logger.warning("no checkpoint of this run in %s: starting from scratch", checkpoints_dir(output_dir))
+    return None
+
+
+def _try_load(accelerator, folder: Path, progress: Progress, params, optimizer) -> str | None:
+    """Load ``folder`` on every process; on a failure anywhere put everything back as it was and
+    return the reason (every process agrees, so all resume the same checkpoint or none)."""
+    before = (snapshot(params), copy.deepcopy(optimizer.state_dict()), asdict(progress), _rng_states())
+    problem = None
+    try:
+        accelerator.load_state(str(folder))
+    except Exception as e:  # torch.load, safetensors, pickle and json raise many types for a broken file
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    failed = torch.tensor(float(problem is not None), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")
+    if failed.item() == 0:
+        return None
+    weights, optimizer_state, saved_progress, rng = before
+    restore(params, weights)
+    optimizer.load_state_dict(optimizer_state)
+    for name, value in saved_progress.items():
+        setattr(progress, name, value)
+    _set_rng_states(rng)
+    return problem or "it failed to load on another process"
+
+
+def _rng_states() -> tuple:
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), cuda, np.random.get_state(), random.getstate()
+
+
+def _set_rng_states(states: tuple) -> None:
+    import numpy as np
+
+    cpu, cuda, numpy_state, python_state = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
 
 
 def snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:

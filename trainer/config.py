@@ -23,9 +23,18 @@ from .errors import ConfigError
 MAX_SEED = 2**64 - 1
 
 
-def _param(default, help, *, range=None, choices=None):
-    """A dataclass field whose metadata drives parsing, ``--help`` and validation."""
-    return field(default=default, metadata={"help": help, "range": range, "choices": choices})
+def _param(default, help, *, range=None, choices=None, identity=True):
+    """A dataclass field whose metadata drives parsing, ``--help`` and validation.
+
+    ``identity``: whether the parameter changes what the run computes. Every checkpoint records the
+    values of the identity parameters (:func:`TrainConfig.identity`), and ``--resume_from_checkpoint``
+    continues only a checkpoint whose values match. Pass ``identity=False`` for a parameter that only
+    says how long to run, where to write, what to log or how fast to compute (``steps``,
+    ``output_dir``, ``log_every``, ``num_workers``...): a new parameter left at the default True is
+    compared, the safe side.
+    """
+    return field(default=default, metadata={"help": help, "range": range, "choices": choices,
+                                            "identity": identity})
 
 
 @dataclass
@@ -41,7 +50,7 @@ class TrainConfig:
                                   "one row per latent; default: columns of the latents dataset")
     batch_size: int = _param(1, "samples per process per micro-batch", range=(1, 10000))
     grad_accumulation_steps: int = _param(1, "micro-batches per optimizer step", range=(1, 1024))
-    steps: int = _param(16, "optimizer steps to train in this run", range=(1, 100000))
+    steps: int = _param(16, "optimizer steps to train in this run", range=(1, 100000), identity=False)
     learning_rate: float = _param(0.0005, "optimizer learning rate", range=(1e-7, 1.0))
     rank: int = _param(8, "adapter rank (LoRA/LoHa: rank of the update; LoKr: rank of w2; OFT: "
                     "the LyCORIS factor, about the block size)", range=(1, 128))
@@ -51,20 +60,22 @@ class TrainConfig:
     seed: int = _param(0, "seeds adapter init, data order, noise and timesteps", range=(0, MAX_SEED))
     training_dtype: str = _param("bf16", "compute dtype of the frozen model (bf16 = bf16 weights + autocast)",
                                  choices=("bf16", "fp32"))
+    # not identity: checkpoints hold the fp32 masters; the dtype applies only when the file is written
     lora_dtype: str = _param("bf16", "dtype of the adapter weights as saved (training keeps fp32 masters)",
-                             choices=("bf16", "fp32"))
+                             choices=("bf16", "fp32"), identity=False)
     algorithm: str = _param("LoRA", "adapter algorithm", choices=("LoRA", "LoHa", "LoKr", "OFT"))
-    gradient_checkpointing: bool = _param(True, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool = _param(True, "recompute activations in backward to save memory", identity=False)
     existing_lora: str | None = _param(None, "LoRA .safetensors file to continue (weights and step count)")
 
     # --- added by this trainer ---------------------------------------------------------
     alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0; "
-                                 "none = rank, a scale of 1); for OFT the norm constraint (0 = none)",
-                                 range=(1e-6, 1e6))
+                                 "none = rank, a scale of 1); for OFT the norm constraint (0 = none; "
+                                 "LoRA/LoHa/LoKr need alpha > 0)", range=(0.0, 1e6))
     target_modules: str | None = _param(None, "comma-separated module names to adapt (suffix match); "
                                         "default: the model family's attention projections")
-    output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json")
-    output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter")
+    output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json", identity=False)
+    output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter: a plain name, "
+                              "no folder", identity=False)
     model_family: str = _param("auto", "model family (sd = SD 1.x/2.x, sdxl, sd3 = SD3/3.5, flux = "
                                "Flux.1); auto detects it from the model",
                                choices=("auto", "sd", "sdxl", "sd3", "flux"))
@@ -91,24 +102,29 @@ class TrainConfig:
                                       "(default: the built-in config of the detected family: SD 1.x/2.x, "
                                       "SDXL; SD3 and Flux need it)")
     log_every: int = _param(10, "read the loss back from the device and log it every N steps",
-                            range=(1, 100000))
-    report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"))
+                            range=(1, 100000), identity=False)
+    report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"),
+                            identity=False)
     save_merged_model: bool = _param(False, "also write model_with_lora/: the base model with the adapter "
-                                     "merged, as a diffusers folder")
-    num_workers: int = _param(0, "DataLoader worker processes", range=(0, 64))
+                                     "merged, as a diffusers folder", identity=False)
+    num_workers: int = _param(0, "DataLoader worker processes", range=(0, 64), identity=False)
     compile: bool = _param(False, "compile the denoiser with torch.compile (inductor): slower start, often "
-                           "faster steps on a GPU")
+                           "faster steps on a GPU", identity=False)
     checkpointing_steps: int | None = _param(None, "save a full-state checkpoint (adapter, optimizer, RNG, "
                                              "progress) every N steps under output_dir/checkpoints",
-                                             range=(1, 100000))
+                                             range=(1, 100000), identity=False)
     checkpoints_total_limit: int | None = _param(None, "keep at most this many checkpoints (oldest removed)",
-                                                 range=(1, 100000))
+                                                 range=(1, 100000), identity=False)
     resume_from_checkpoint: str | None = _param(None, "'latest' or a checkpoint folder: continue that run "
-                                                "exactly (--steps counts the whole run)")
+                                                "exactly (--steps counts the whole run)", identity=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+        _check_plain_name("output_name", self.output_name)
+        if self.alpha == 0 and self.algorithm != "OFT" and self.existing_lora is None:  # else the file decides
+            raise ConfigError(f"--alpha: 0 would scale the {self.algorithm} update to nothing; give alpha > 0 "
+                              "(0 means 'no constraint' only for OFT)")
 
     # -- constructors --------------------------------------------------------------------
     @classmethod
@@ -123,8 +139,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """The parameters that change what the run computes (fields with ``identity=True``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_plain_name(name: str, value: str) -> None:
+    """A file name, never a path: ``../x`` or ``a/b`` would write outside ``output_dir``."""
+    if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0") or value != Path(value).name:
+        raise ConfigError(f"--{name}: expected a plain file name (no folder, '/', '\\' or '..'), got {value!r}")
 
 
 def _describe(f: dataclasses.Field) -> str:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ from .models import load_model
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
+from .rundir import (OutputWriteError, RunFolder, check_room, check_writable, describe_os_error,
+                     estimate_output_bytes, run_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -69,25 +73,47 @@ class Run:
     progress: Progress
     #: full offsets of a continued file (module path -> {"diff", "diff_b"}), carried into the output
     offsets: dict[str, dict[str, torch.Tensor]]
+    #: output_dir as this run's own (rundir.RunFolder), set once resuming is decided
+    folder: Any = None
 
 
 def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: Any = None,
-          write_outputs: bool = True) -> TrainResult:
+          write_outputs: bool = True, handle_signals: bool = False) -> TrainResult:
     """Train an adapter as ``cfg`` says. ``model``/``latents``/``positive`` override the paths in
-    ``cfg`` with in-memory objects (a diffusers model or pipeline, a ``datasets.Dataset``)."""
-    started = time.perf_counter()
+    ``cfg`` with in-memory objects (a diffusers model or pipeline, a ``datasets.Dataset``).
+    ``handle_signals``: turn SIGTERM/SIGINT into "checkpoint and stop" (the command line does; a library
+    caller keeps its own handlers unless it asks)."""
     accelerator = _make_accelerator(cfg)
+    # anything written into output_dir: the outputs, checkpoints, or the checkpoint a signal asks for
+    writes = write_outputs or cfg.checkpointing_steps is not None or handle_signals
+    with ExitStack() as stack:
+        if writes and accelerator.is_main_process:
+            # before the model is loaded: a folder that cannot be written fails now, not after the run
+            check_writable(cfg.output_dir)
+            stack.enter_context(run_lock(cfg.output_dir))
+        return _train(cfg, accelerator, model, latents, positive, write_outputs, handle_signals and writes)
+
+
+def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any,
+           write_outputs: bool, handle_signals: bool) -> TrainResult:
+    started = time.perf_counter()
     run = setup(cfg, accelerator, model, latents, positive)
+    if accelerator.is_main_process and (write_outputs or cfg.checkpointing_steps or handle_signals):
+        check_room(cfg.output_dir, *_output_bytes(cfg, run, handle_signals))
     family, progress = run.loaded.family, run.progress
+    progress.identity = checkpoint.run_identity(cfg, accelerator.num_processes)
     objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
     loss_fn = get_loss(cfg.loss_function)
     optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
     checkpoint.register_adapter_hooks(accelerator, progress)
     denoiser, optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
-    resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
+    resume = checkpoint.resume(accelerator, cfg.resume_from_checkpoint, cfg.output_dir, progress, run.params,
+                               optimizer)
     if resume is not None:
-        accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d of %d", resume, progress.done, cfg.steps)
+    # the folder is this run's from its first write on; a resumed run's own files stay where they are
+    run.folder = RunFolder(cfg.output_dir, cfg.output_name, resuming=resume is not None and _inside(
+        resume, checkpoint.checkpoints_dir(cfg.output_dir)))
 
     sampler = StepBatchSampler(run.data.buckets, cfg.batch_size, accelerator.num_processes,
                                cfg.grad_accumulation_steps, cfg.seed, start_step=progress.done,
@@ -99,8 +125,9 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     micro_loss = torch.zeros((), device=accelerator.device)
     stopped, failure, train_started, first_step = None, None, time.perf_counter(), progress.done
     if cfg.report_to != "none":
+        claim(accelerator, run)  # trackers write under output_dir/logs
         accelerator.init_trackers("lora-trainer", config=cfg.to_dict())
-    with stop_signals() as stop:
+    with stop_signals(handle_signals) as stop:
         try:
             for batch in loader:
                 with accelerator.accumulate(denoiser):
@@ -119,25 +146,77 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
                     good = log_step(accelerator, run, history, bar, good)
                 if cfg.checkpointing_steps and progress.done % cfg.checkpointing_steps == 0:
                     history.pull(accelerator)
-                    checkpoint.save_checkpoint(accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
+                    save_checkpoint(accelerator, run)
                 if should_stop(accelerator, stop, at_log_step):
                     stopped = "preempted"
                     break
             history.pull(accelerator)
         except NonFiniteLoss as e:
             failure = e  # the adapter is back at the last good step: write it, then report
+        except OutputWriteError as e:
+            failure = _keep_training_result(accelerator, e)
         bar.close()
         train_seconds = time.perf_counter() - train_started
         if stopped:
             logger.warning("stop signal received: saving a checkpoint and the adapter at step %d", progress.total)
-            checkpoint.save_checkpoint(accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
+            try:
+                save_checkpoint(accelerator, run)
+            except OutputWriteError as e:
+                failure = _keep_training_result(accelerator, e)
 
     samples_per_second = (progress.done - first_step) * sampler.global_batch / max(train_seconds, 1e-9)
-    result = finish(accelerator, run, denoiser, write_outputs, samples_per_second, time.perf_counter() - started)
+    # a run that trained nothing (a NaN/inf at its first step) writes nothing: the folder stays as it was
+    write = write_outputs and progress.done > 0
+    result = finish(accelerator, run, denoiser, write, samples_per_second, time.perf_counter() - started)
     if failure is not None:
         raise failure
     result.stopped = stopped
     return result
+
+
+def claim(accelerator: Accelerator, run: Run) -> None:
+    """Before this run's first write into output_dir: move an earlier run's files aside (main process)."""
+    if accelerator.is_main_process:
+        run.folder.claim()
+
+
+def save_checkpoint(accelerator: Accelerator, run: Run) -> None:
+    """A full-state checkpoint; a failed write (a full disk) becomes :class:`OutputWriteError`."""
+    cfg = run.cfg
+    claim(accelerator, run)
+    try:
+        checkpoint.save_checkpoint(accelerator, cfg.output_dir, run.progress, cfg.checkpoints_total_limit)
+    except OSError as e:
+        last = checkpoint.complete_checkpoints(cfg.output_dir)
+        kept = f"the last complete checkpoint is {last[-1][1]}" if last else "no complete checkpoint"
+        raise OutputWriteError(f"checkpoint at step {run.progress.total}: {describe_os_error(e)}; stopped "
+                               f"({kept})") from None
+
+
+def _keep_training_result(accelerator: Accelerator, error: OutputWriteError) -> OutputWriteError:
+    """A checkpoint write failed: with one process, stop and still write the adapter (returned error
+    raised after it); with several, end now, since the others wait inside save_state (the launcher
+    ends them all) and the last complete checkpoint keeps the run."""
+    if accelerator.num_processes > 1:
+        raise error
+    return error
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return Path(path).resolve().parent == folder.resolve()
+
+
+def _output_bytes(cfg: TrainConfig, run: Run, preemptible: bool) -> tuple[int, str]:
+    """What the run will write at most (adapter, checkpoints, merged model), for the room check."""
+    merged = 0
+    if cfg.save_merged_model:
+        merged = sum(p.numel() * p.element_size() for p in run.loaded.denoiser.parameters())
+        if run.loaded.kind == "pipeline":  # the pipeline's other components are copied
+            merged += sum(f.stat().st_size for f in Path(run.loaded.source).rglob("*") if f.is_file())
+    return estimate_output_bytes(
+        adapter_numel=sum(p.numel() for p in run.params), lora_dtype_bytes=_DTYPES[cfg.lora_dtype].itemsize,
+        optimizer=cfg.optimizer, steps=cfg.steps, checkpointing_steps=cfg.checkpointing_steps,
+        checkpoints_total_limit=cfg.checkpoints_total_limit, preemptible=preemptible, merged_model_bytes=merged)
 
 
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
@@ -242,8 +321,10 @@ def log_step(accelerator, run: Run, history: LossHistory, bar, good: list[torch.
             bad_step = progress.base + first + offset + 1
             del progress.losses[first:]
             progress.done = first
-            raise NonFiniteLoss(f"the loss became {value} at step {bad_step}; stopped, the adapter of step "
-                                f"{progress.total} is kept (lower learning_rate, or check the data)")
+            kept = (f"the adapter of step {progress.total} is kept" if progress.done else
+                    "nothing was trained, so no file was written")
+            raise NonFiniteLoss(f"the loss became {value} at step {bad_step}; stopped, {kept} (lower "
+                                "learning_rate, or check the data)")
     bar.set_postfix(loss=f"{new[-1]:.4f}")
     accelerator.log({"loss": new[-1]}, step=progress.total)
     return checkpoint.snapshot(run.params)
@@ -254,10 +335,11 @@ class NonFiniteLoss(TrainerError):
 
 
 @contextmanager
-def stop_signals():
-    """Turn SIGTERM/SIGINT (cluster preemption, Ctrl-C) into a flag the loop checks between steps."""
+def stop_signals(enabled: bool):
+    """Turn SIGTERM/SIGINT (cluster preemption, Ctrl-C) into a flag the loop checks between steps, if
+    ``enabled``; otherwise the caller's handlers stay (Ctrl-C in a notebook raises KeyboardInterrupt)."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop  # signal handlers can only be installed from the main thread
         return
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -294,6 +376,7 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
     result = TrainResult(model, lora, loss_map, progress.total)
     if write_outputs and accelerator.is_main_process:
+        claim(accelerator, run)
         result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -301,11 +384,41 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
 
 
 def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds) -> Path:
-    cfg, family, algorithm, steps = run.cfg, run.loaded.family, run.algorithm, run.progress.total
+    """The adapter first (what matters most), then loss.json, loss.png, result.json, model_with_lora/.
+    A failed write raises :class:`OutputWriteError` saying what was kept: the adapter, else a copy in
+    the temp folder (another file system, as a rule) and the last checkpoint."""
+    cfg, algorithm, steps = run.cfg, run.algorithm, run.progress.total
     out = Path(cfg.output_dir)
     lora_path = out / f"{cfg.output_name}.safetensors"
-    metadata = {
-        "ss_steps": str(steps),
+    metadata = adapter_metadata(run, model, lora)
+    try:
+        save_adapter_file(lora_path, lora, metadata)
+    except OSError as e:
+        raise OutputWriteError(f"{describe_os_error(e)}; {_rescue(run, lora, metadata)}") from None
+    try:
+        write_json(out / "loss.json", loss_map)
+        plot_loss(out / "loss.png", loss_map["step"], loss_map["loss"],
+                  f"{cfg.output_name}: {algorithm.name} rank {run.rank}, {run.loaded.family.name}")
+        if cfg.save_merged_model:
+            save_merged_model(model, run.loaded.source, run.loaded.kind, run.loaded.extra.get("subfolder"), out)
+        write_json(out / "result.json", {
+            "steps": steps,
+            "lora": str(lora_path),
+            "final_loss": loss_map["loss"][-1] if loss_map["loss"] else None,
+            "samples_per_second": samples_per_second,
+            "wall_seconds": wall_seconds,
+        })
+    except OSError as e:
+        raise OutputWriteError(f"{describe_os_error(e)}; the trained adapter itself was written: {lora_path}") \
+            from None
+    return lora_path
+
+
+def adapter_metadata(run: Run, model, lora: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The safetensors metadata of the adapter file (section 3 of the SPEC)."""
+    cfg, family, algorithm = run.cfg, run.loaded.family, run.algorithm
+    return {
+        "ss_steps": str(run.progress.total),
         "ss_network_dim": str(run.rank),
         "ss_network_alpha": str(run.alpha),
         "ss_network_module": algorithm.network_module,
@@ -319,20 +432,22 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
         "trainer_config": cfg.to_json(),
         **family.file_metadata(lora, run.rank, run.alpha),
     }
-    save_adapter_file(lora_path, lora, metadata)
-    write_json(out / "loss.json", loss_map)
-    plot_loss(out / "loss.png", loss_map["step"], loss_map["loss"],
-              f"{cfg.output_name}: {algorithm.name} rank {run.rank}, {family.name}")
-    if cfg.save_merged_model:
-        save_merged_model(model, run.loaded.source, run.loaded.kind, run.loaded.extra.get("subfolder"), out)
-    write_json(out / "result.json", {
-        "steps": steps,
-        "lora": str(lora_path),
-        "final_loss": loss_map["loss"][-1] if loss_map["loss"] else None,
-        "samples_per_second": samples_per_second,
-        "wall_seconds": wall_seconds,
-    })
-    return lora_path
+
+
+def _rescue(run: Run, lora, metadata) -> str:
+    """Save the adapter where it can still go, after its write into output_dir failed; say where."""
+    kept = []
+    rescue = Path(tempfile.gettempdir()) / f"lora-trainer-{os.getpid()}" / f"{run.cfg.output_name}.safetensors"
+    try:
+        save_adapter_file(rescue, lora, metadata)
+        kept.append(f"the trained adapter was saved to {rescue} instead")
+    except OSError:
+        kept.append("the adapter could not be saved anywhere")
+    last = checkpoint.complete_checkpoints(run.cfg.output_dir)
+    if last:
+        kept.append(f"the last checkpoint ({last[-1][1]}, step {run.progress.base + last[-1][0]}) is kept: free "
+                    "space and run again with --resume_from_checkpoint latest")
+    return "; ".join(kept)
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -5,10 +5,10 @@ an interrupted write never leaves a truncated file behind."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,70 @@ import torch
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else remove it."""
+    """Yield a temporary path beside ``path`` to write to; on success make it durable and rename it
+    onto ``path``, else remove it. The one way this project writes a file.
+
+    The temporary file is created with mode 0666 masked by the umask (0644 under umask 022), as
+    ``open()`` would create ``path`` itself; ``tempfile.mkstemp`` would make it 0600, unreadable for
+    another account (a ComfyUI service, a shared models folder). It is flushed to disk (fsync) before
+    the rename, and the rename is flushed too, so a power cut leaves the old file or the new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_file(path)
+    mode = tmp.stat().st_mode & 0o777  # what the umask gives a new file here
     try:
-        yield Path(tmp)
+        yield tmp
+        # some writers replace the file with their own 0600 temporary (safetensors >= 0.6 does)
+        os.chmod(tmp, mode)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _new_file(path: Path) -> Path:
+    """Create an empty, unused temporary file beside ``path`` (mode 0666 less the umask)."""
+    for attempt in itertools.count():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{attempt}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue  # left by a crashed run with our pid, or another thread: take the next name
+
+
+def umask_modes(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode the umask gives a new file there (folders keep
+    theirs), for trees written by other libraries' writers (``save_pretrained``, ``save_state``),
+    some of which leave 0600 files."""
+    folder = Path(folder)
+    probe = _new_file(folder / "mode")
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            with contextlib.suppress(OSError):  # a file another account owns keeps its mode
+                os.chmod(path, mode)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder, and needs not)."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on a folder: best effort
+        _fsync(folder)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -96,6 +148,7 @@ def save_merged_model(model: torch.nn.Module, source: str, kind: str, subfolder:
         merged.save_pretrained(tmp / subfolder)
     else:
         merged.save_pretrained(tmp)
+    umask_modes(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
