@@ -55,10 +55,16 @@ def open_dataset(source: Any, param: str):
     files = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else []
     if not files and not path.exists():
         raise TrainerError(f"{param}: no such file or folder: {spec}")
+    empty = TrainerError(f"{param}: the dataset {spec} has no rows")
     try:
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
                               or (path / "state.json").is_file()):
-            return _single_split(datasets.load_from_disk(str(path)), param)
+            if _saved_without_data(path):
+                raise empty  # datasets itself fails on it with an IndexError
+            ds = _single_split(datasets.load_from_disk(str(path)), param)
+            if len(ds) == 0:
+                raise empty
+            return ds
         if path.is_dir():
             files = sorted(str(p) for p in path.rglob("*") if p.suffix in (".parquet", ".arrow"))
             if not files:
@@ -70,11 +76,34 @@ def open_dataset(source: Any, param: str):
         if len(suffixes) != 1 or suffixes.pop() not in (".parquet", ".arrow"):
             raise TrainerError(f"{param}: expected .parquet or .arrow files, got {', '.join(files[:3])}")
         builder = "parquet" if files[0].endswith(".parquet") else "arrow"
-        return datasets.load_dataset(builder, data_files=files, split="train")
+        if builder == "parquet" and _parquet_rows(files) == 0:
+            raise empty  # datasets would say 'Instruction "train" corresponds to no data'
+        ds = datasets.load_dataset(builder, data_files=files, split="train")
+        if len(ds) == 0:
+            raise empty
+        return ds
     except TrainerError:
         raise
     except Exception as e:  # datasets/pyarrow raise many types for unreadable files
         raise TrainerError(f"{param}: cannot read {spec}: {type(e).__name__}: {e}") from None
+
+
+def _saved_without_data(path: Path) -> bool:
+    """Whether a ``save_to_disk`` folder of one split was saved from an empty dataset (no data files)."""
+    import json
+
+    state = path / "state.json"
+    try:
+        return state.is_file() and json.loads(state.read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False  # let datasets report what is wrong with it
+
+
+def _parquet_rows(files: list[str]) -> int:
+    """Rows of Parquet files, from their footers (no data is read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def _single_split(ds, param):
@@ -144,7 +173,8 @@ class TrainingData:
                                f"(columns: {', '.join(self.dataset.column_names) or 'none'})")
         self.num_rows = len(self.dataset)
         if self.num_rows == 0:
-            raise TrainerError("--latents: the dataset has no rows")
+            where = f" {latents}" if isinstance(latents, (str, Path)) else ""
+            raise TrainerError(f"--latents: the dataset{where} has no rows")
         self.columns = self._conditioning_columns(positive)
         needed = [LATENTS] + [c.name for c in self.columns if c.table is None]
         self.table = self.dataset.select_columns(needed).with_format("numpy")
