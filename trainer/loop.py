@@ -244,7 +244,12 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     if existing is not None:
         layers = adapter_layers(denoiser)
         for name, tensors in existing.modules.items():
-            algorithm.import_layer(layers[name], tensors)
+            try:
+                algorithm.import_layer(layers[name], tensors)
+            except TrainerError as e:  # the algorithm says why; the user needs the file and the module too
+                raise TrainerError(f"--existing_lora: {Path(cfg.existing_lora).name}, module {name}: {e}") from None
+        # a layer may have taken factors of the file's making (LoKr decompose_both): collect them all
+        params = [p for p in denoiser.parameters() if p.requires_grad]
         logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
                     algorithm_name, len(existing.modules), existing.steps)
     if cfg.training_dtype == "bf16":

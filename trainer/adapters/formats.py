@@ -22,6 +22,12 @@ Choices where the formats are silent or ambiguous:
   (LyCORIS ignores its alpha), so its alpha is its rank.
 - ComfyUI's node also trains full offsets of every norm weight (``.diff``) and bias (``.diff_b``);
   they are returned apart in ``ExistingAdapter.deltas``, not dropped.
+- OFT's alpha is a limit on the norm of each layer's skew matrix, read two ways: ComfyUI clips at
+  alpha, LyCORIS (``diag_oft.py``: ``constrain * out_dim``) at alpha x out_features. A file that
+  LyCORIS wrote (``ss_network_module`` ``lycoris...`` or SimpleTuner's ``lycoris_config``, and not
+  this trainer's ``trainer_algorithm``) is read with LyCORIS's limit, converted to the ComfyUI meaning
+  this trainer trains and writes (alpha x out_features per module), with a message. This trainer's
+  own files carry blocks already clipped, so both readings agree on them.
 - Ranks are read per module from the tensor shapes (through the registered algorithm's
   ``rank_from_tensors`` where it has one); metadata ranks are never trusted over them.
 """
@@ -156,16 +162,26 @@ def read_existing_adapter(path: str | Path, model: torch.nn.Module, family: Mode
     ranks, alphas = {}, {}
     metadata_alpha = _metadata_alpha(metadata, family)
     defaulted = []
+    lycoris_oft = algorithm == "OFT" and _written_by_lycoris(metadata)
     for module, group in parsed.modules.items():
         ranks[module] = _rank(algorithm, group)
         alpha = _alpha(algorithm, group, ranks[module])
+        if alpha is None and lycoris_oft:  # LyCORIS's own name for it; its default is no constraint
+            alpha = _number(_network_args(metadata).get("constraint")) or 0.0
         if alpha is None:
             alpha = metadata_alpha(module, names.weights[module][0])
+        if lycoris_oft and alpha:
+            blocks = group["oft_blocks"]
+            alpha *= blocks.shape[0] * blocks.shape[1]  # LyCORIS: a norm limit of constraint x out_features
         if alpha is None:
             alpha = 0.0 if algorithm == "OFT" else float(ranks[module])  # OFT: no norm constraint
             defaulted.append(module)
         alphas[module] = alpha
         group["alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    if lycoris_oft and any(alphas.values()):
+        logger.info("--existing_lora: %s was written by LyCORIS, whose OFT constraint limits each layer's norm to "
+                    "constraint x out_features (ComfyUI reads constraint alone): using LyCORIS's limit, "
+                    "written as alpha per module", path.name)
     if defaulted:
         logger.warning("--existing_lora: %s has no alpha for %d modules (e.g. %s); using %s, as diffusers, "
                        "peft and ComfyUI do for such files", path.name, len(defaulted), defaulted[0],
@@ -489,6 +505,14 @@ def _source_format(metadata: dict[str, str], style: str, step_source: str) -> st
     if step_source == "training_state.json" or "lycoris_config" in metadata:
         return "simpletuner"
     return style
+
+
+def _written_by_lycoris(metadata: dict[str, str]) -> bool:
+    """Whether LyCORIS made the file (kohya's sd-scripts with LyCORIS's network module, or SimpleTuner's
+    LyCORIS wrapper), not this trainer (which also names LyCORIS's network module)."""
+    if "trainer_algorithm" in metadata:
+        return False
+    return str(metadata.get("ss_network_module", "")).startswith("lycoris") or "lycoris_config" in metadata
 
 
 def _network_args(metadata: dict[str, str]) -> dict:

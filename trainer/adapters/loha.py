@@ -35,8 +35,8 @@ class LoHa(Algorithm):
     @torch.no_grad()
     def import_layer(self, layer, tensors):
         if "hada_t1" in tensors:
-            raise TrainerError("LoHa files with hada_t1/hada_t2 (Tucker-decomposed convolutions) are not "
-                               "supported")
+            raise TrainerError("it is a LoHa convolution stored as a Tucker decomposition (hada_t1/hada_t2, "
+                               "LyCORIS use_tucker), which this trainer cannot continue")
         # the file means (alpha / rank) as ComfyUI reads it (1 without an alpha tensor); should the layer
         # have been built with another alpha, fold the ratio into w1_a so the product is unchanged
         rank = tensors["hada_w1_b"].shape[0]

@@ -7,7 +7,9 @@ split near its square root (LyCORIS ``factor=-1``: 320 = 16 x 20), ``w1`` is the
 layer is decomposed; on the tiny demo model every layer is full).
 
 A file split differently (another LyCORIS ``factor``, or ComfyUI's training node, which splits by
-its rank with full matrices) is read back with its own factor shapes.
+its rank with full matrices) is read back with its own factor shapes, and a file that decomposes
+``w1`` too (LyCORIS ``decompose_both``: ``lokr_w1_a @ lokr_w1_b``) with its own factors: the layer
+takes the file's set of factors, which peft's ``get_delta_weight`` reads by presence.
 
 Scale: ComfyUI (``comfy/weight_adapter/lokr.py``) and LyCORIS apply ``alpha / rank`` only when a
 factor is decomposed and 1 when both are full matrices, while peft always applies
@@ -48,12 +50,15 @@ class LoKr(Algorithm):
     @torch.no_grad()
     def import_layer(self, layer, tensors):
         if "lokr_t2" in tensors:
-            raise TrainerError("LoKr files with lokr_t2 (Tucker-decomposed convolutions) are not supported")
+            raise TrainerError("it is a LoKr convolution stored as a Tucker decomposition (lokr_t2, LyCORIS "
+                               "use_tucker), which this trainer cannot continue")
         present = {name for name in FACTORS if ADAPTER_NAME in getattr(layer, name)}
         given = {name for name in FACTORS if name in tensors}
-        if present != given:
-            raise TrainerError(f"LoKr tensors {sorted(given)} do not fit an adapter made of "
-                               f"{sorted(present)} (build it with rank_from_tensors(...) as its rank)")
+        device = layer.get_base_layer().weight.device
+        for name in present - given:  # e.g. a full w1 where the file decomposes it (decompose_both)
+            del getattr(layer, name)[ADAPTER_NAME]
+        for name in given - present:  # fp32 trainable, like the rest of the adapter; shaped below
+            getattr(layer, name)[ADAPTER_NAME] = torch.nn.Parameter(torch.empty(0, 0, device=device))
         # the loaders' scale: alpha over the decomposed factor's rank (1 without alpha), or 1 when both
         # factors are full; fold its ratio to the layer's peft scale into w1 so kron(w1, w2) is unchanged
         file_scale = 1.0
@@ -68,15 +73,17 @@ class LoKr(Algorithm):
                 tensor = tensor.flatten(1)  # LyCORIS's [r, d, kh, kw] conv factor is peft's [r, d * kh * kw]
             if tensor.shape != param.shape:
                 # another split of the dimensions (a LyCORIS factor; ComfyUI's node splits by its rank):
-                # take the file's. The Parameter object stays, so lists of the adapter's parameters hold.
+                # take the file's. The Parameter object stays (a factor the layer did not have is new:
+                # the caller collects the trainable parameters after importing).
                 param.data = torch.empty(tensor.shape, dtype=param.dtype, device=param.device)
             param.copy_(tensor)
         try:
             layer.get_delta_weight(ADAPTER_NAME)
         except RuntimeError:
             shapes = {name: tuple(tensors[name].shape) for name in sorted(given)}
-            raise TrainerError(f"LoKr tensors {shapes} do not make a Kronecker product of the layer's weight "
-                               f"shape {tuple(layer.get_base_layer().weight.shape)}") from None
+            raise TrainerError(f"its LoKr factors {shapes} do not make a Kronecker product of the layer's weight "
+                               f"shape {tuple(layer.get_base_layer().weight.shape)} (a file for another model?)") \
+                from None
 
     def network_args(self, rank, alpha):
         return {"algo": "lokr", "factor": "-1"}

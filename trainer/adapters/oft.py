@@ -197,10 +197,12 @@ class OFT(Algorithm):
     @torch.no_grad()
     def import_layer(self, layer, tensors):
         if "rescale" in tensors:
-            raise TrainerError("OFT files with a rescale tensor are not supported (ComfyUI ignores it)")
+            raise TrainerError("it is a rescaled OFT (a rescale tensor, LyCORIS rescaled=True), which this trainer "
+                               "cannot continue (ComfyUI ignores the rescale)")
         blocks = tensors["oft_blocks"].float()
         if blocks.ndim != 3:
-            raise TrainerError(f"oft_blocks: expected [blocks, size, size], got shape {tuple(blocks.shape)}")
+            raise TrainerError(f"its oft_blocks have shape {tuple(blocks.shape)}; a diagonal OFT has "
+                               "[blocks, size, size]")
         # what ComfyUI applies: the blocks clipped by the file's own constraint
         load_tensor(layer.oft_blocks[ADAPTER_NAME], _clipped(blocks, float(tensors.get("alpha", 0.0))),
                     "oft_blocks")
