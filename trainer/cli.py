@@ -35,7 +35,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # the same on every process of a launch: say it once
+            print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging()
     from .loop import train  # heavy imports (torch, diffusers) only after the parameters are valid
