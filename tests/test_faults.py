@@ -344,7 +344,7 @@ def test_8_oft_alpha_0_means_no_constraint():
 # ---------------------------------------------------------------------------------------------- 9
 
 
-def test_9_the_library_call_leaves_signals_to_its_caller(monkeypatch):
+def test_9_the_library_call_leaves_signals_to_its_caller(monkeypatch, tmp_path):
     import trainer.loop
 
     real = trainer.loop.train_step
@@ -359,8 +359,10 @@ def test_9_the_library_call_leaves_signals_to_its_caller(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train_lora("demo", make_dataset(), **dict(FAST, steps=4))
     assert signal.getsignal(signal.SIGINT) is handler
-    stopped = train_lora("demo", make_dataset(), handle_signals=True, **dict(FAST, steps=4))
+    stopped = train_lora("demo", make_dataset(), handle_signals=True, output_dir=str(tmp_path),
+                         **dict(FAST, steps=4))
     assert stopped.stopped == "preempted" and stopped.steps == 1
+    assert (tmp_path / "checkpoints" / "step-00000001").is_dir()  # the signal's checkpoint
     assert signal.getsignal(signal.SIGINT) is handler
 
 
