@@ -34,7 +34,7 @@ from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
 from .rundir import (OutputWriteError, RunFolder, check_room, check_writable, describe_os_error,
-                     estimate_output_bytes, run_lock)
+                     estimate_output_bytes, remove_if_unused, run_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,18 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     accelerator = _make_accelerator(cfg)
     # anything written into output_dir: the outputs, checkpoints, or the checkpoint a signal asks for
     writes = write_outputs or cfg.checkpointing_steps is not None or handle_signals
-    with ExitStack() as stack:
-        if writes and accelerator.is_main_process:
-            # before the model is loaded: a folder that cannot be written fails now, not after the run
-            check_writable(cfg.output_dir)
-            stack.enter_context(run_lock(cfg.output_dir))
-        return _train(cfg, accelerator, model, latents, positive, write_outputs, handle_signals and writes)
+    created = writes and accelerator.is_main_process and not Path(cfg.output_dir).exists()
+    try:
+        with ExitStack() as stack:
+            if writes and accelerator.is_main_process:
+                # before the model is loaded: a folder that cannot be written fails now, not after the run
+                check_writable(cfg.output_dir)
+                stack.enter_context(run_lock(cfg.output_dir))
+            return _train(cfg, accelerator, model, latents, positive, write_outputs, handle_signals and writes)
+    except BaseException:
+        if created:
+            remove_if_unused(cfg.output_dir)  # a run that failed before writing leaves no trace
+        raise
 
 
 def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any,

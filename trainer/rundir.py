@@ -115,6 +115,17 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def remove_if_unused(output_dir: str | Path) -> None:
+    """Remove ``output_dir`` if it holds nothing but the lock file (a folder this run created and
+    then wrote nothing into)."""
+    path = Path(output_dir)
+    with contextlib.suppress(OSError):
+        if {p.name for p in path.iterdir()} <= {LOCK_FILE}:
+            with contextlib.suppress(FileNotFoundError):
+                (path / LOCK_FILE).unlink()
+            path.rmdir()
+
+
 class RunFolder:
     """``output_dir`` as this run's own: :meth:`claim` before the first write moves an earlier run's
     files aside (once). A resumed run claims nothing: the files there are its own."""
