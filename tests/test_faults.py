@@ -157,6 +157,39 @@ def test_1_a_failed_checkpoint_write_stops_and_keeps_the_adapter(tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]  # no half one
 
 
+def test_1_a_disk_that_fills_up_mid_run_loses_nothing(tmp_path, monkeypatch):
+    """A real full disk (an 8 MiB tmpfs, filled by another writer after step 1): one line, the step-1
+    checkpoint kept, the trained adapter saved in the temp folder. Needs a machine that can mount."""
+    import trainer.loop
+
+    folder = tmp_path / "disk"
+    if not _mount_tmpfs(folder, "size=8m"):
+        pytest.skip("mounting a tmpfs is not allowed here; the injected faults above cover the same paths")
+    real, calls = trainer.loop.train_step, []
+
+    def fill_after_step_1(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            with (folder / "filler").open("wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+        return real(*args)
+
+    monkeypatch.setattr(trainer.loop, "train_step", fill_after_step_1)
+    try:
+        with pytest.raises(TrainerError, match="No space left on device") as err:
+            train_lora("demo", make_dataset(), output_dir=str(folder), checkpointing_steps=1, **dict(FAST, steps=3))
+        message = str(err.value)
+        assert "\n" not in message and "step-00000001" in message
+        rescued = Path(message.split("saved to ")[1].split(" instead")[0])
+        assert steps_of(rescued) >= 1
+        shutil.rmtree(rescued.parent)
+        assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step-00000001"]
+        assert not list(folder.rglob("*.tmp"))  # no temporary left behind
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
 # ---------------------------------------------------------------------------------------------- 2
 
 

@@ -38,7 +38,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from .adapters import ADAPTER_NAME
 from .distributed import shards_the_model
 from .errors import TrainerError
-from .outputs import atomic_path, umask_modes, write_json
+from .outputs import atomic_path, umask_modes, write_failure, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +170,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, progress: Progress, tot
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint only takes the space a retry needs
-        raise
+        failed = write_failure(e, tmp)
+        if failed is None or failed is e:
+            raise
+        raise failed from e
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         umask_modes(tmp)

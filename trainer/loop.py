@@ -32,7 +32,7 @@ from .losses import get_loss
 from .models import load_model
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
-from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
+from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
 from .rundir import (OutputWriteError, RunFolder, check_room, check_writable, describe_os_error,
                      estimate_output_bytes, remove_if_unused, run_lock)
 
@@ -173,7 +173,12 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
     samples_per_second = (progress.done - first_step) * sampler.global_batch / max(train_seconds, 1e-9)
     # a run that trained nothing (a NaN/inf at its first step) writes nothing: the folder stays as it was
     write = write_outputs and progress.done > 0
-    result = finish(accelerator, run, denoiser, write, samples_per_second, time.perf_counter() - started)
+    try:
+        result = finish(accelerator, run, denoiser, write, samples_per_second, time.perf_counter() - started)
+    except OutputWriteError as e:
+        if failure is None:
+            raise
+        raise OutputWriteError(f"{failure}; then {e}") from None  # both, in one line
     if failure is not None:
         raise failure
     result.stopped = stopped
@@ -419,9 +424,12 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
             "samples_per_second": samples_per_second,
             "wall_seconds": wall_seconds,
         })
-    except OSError as e:
-        raise OutputWriteError(f"{describe_os_error(e)}; the trained adapter itself was written: {lora_path}") \
-            from None
+    except Exception as e:
+        failed = write_failure(e, out)  # save_pretrained and savefig may report a full disk otherwise
+        if failed is None:
+            raise
+        raise OutputWriteError(f"{describe_os_error(failed)}; the trained adapter itself was written: "
+                               f"{lora_path}") from None
     return lora_path
 
 

@@ -5,9 +5,11 @@ an interrupted write never leaves a truncated file behind."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,10 +39,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        failed = write_failure(e, path)
+        if failed is None or failed is e and e.filename not in (None, str(tmp)):
+            raise
+        raise OSError(failed.errno, failed.strerror, str(path)) from e  # name the file, not its temporary
+
+
+def write_failure(error: BaseException, path: str | Path) -> OSError | None:
+    """The OSError that ``error``, raised while writing ``path``, stands for, or None if it is not a
+    failed write. Writers report a full disk in their own ways: safetensors as a SafetensorError
+    ending in ``(os error 28)``, ``torch.save`` as a RuntimeError about stream positions."""
+    if isinstance(error, OSError):
+        return error
+    if not isinstance(error, Exception):
+        return None  # KeyboardInterrupt, SystemExit
+    found = re.search(r"os error (\d+)", str(error))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    if isinstance(error, RuntimeError) and _nearly_full(Path(path)):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+def _nearly_full(path: Path) -> bool:
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), None)
+    try:
+        return folder is not None and shutil.disk_usage(folder).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def _new_file(path: Path) -> Path:
