@@ -105,6 +105,11 @@ class TrainConfig:
                                                  range=(1, 100000))
     resume_from_checkpoint: str | None = _param(None, "'latest' or a checkpoint folder: continue that run "
                                                 "exactly (--steps counts the whole run)")
+    # --- model storage (issue 14) ---
+    weight_dtype: str = _param("default", "how the frozen base is stored: default = the training dtype; "
+                               "fp8_e4m3fn/fp8_e5m2 = fp8, each layer computed in the training dtype; int8 = "
+                               "int8 weight-only (needs torchao)",
+                               choices=("default", "fp8_e4m3fn", "fp8_e5m2", "int8"))
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -1,0 +1,73 @@
+"""How the frozen base is stored: ``--weight_dtype`` (ComfyUI's name on its model loader).
+
+- ``default``: the training dtype (bf16 or fp32), materialised directly in it when loading.
+- ``fp8_e4m3fn`` / ``fp8_e5m2``: weights stored in fp8 and each layer computed in the training dtype,
+  through diffusers' layerwise casting (a hook casts one layer up before its forward and back after).
+  Norms, embeddings and the in/out projections stay in the training dtype (diffusers' default skip
+  patterns), and so do the adapter's layers.
+- ``int8``: int8 weight-only quantization by torchao through diffusers' ``TorchAoConfig``, applied
+  tensor by tensor while loading. torchao was picked over bitsandbytes (CUDA-first, its CPU backend is
+  partial) and optimum-quanto (maintenance only) because it is PyTorch's own quantization library,
+  runs the same code on CPU (the tests) and CUDA (the users), and peft's LoRA/LoHa/LoKr/OFT all train
+  on top of its layers.
+
+The adapter always trains at full precision (fp32 masters) on top, and its file is the same as from a
+bf16 base: the file only holds the adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import TrainerError
+
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2", "int8")
+FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def quantization_config(weight_dtype: str):
+    """The diffusers quantization config that ``from_pretrained``/``from_single_file`` apply while
+    loading, or None. Raises :class:`TrainerError` naming the package to install when it is missing."""
+    if weight_dtype != "int8":
+        return None
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError:
+        raise TrainerError("--weight_dtype int8 needs torchao: pip install torchao "
+                           "(or pip install 'lora-trainer[quant]')") from None
+    from diffusers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype: torch.dtype) -> None:
+    """Store a loaded model's weights as ``weight_dtype`` says (fp8: layerwise casting). ``int8`` is
+    applied while loading (:func:`quantization_config`); a model handed over as an object cannot be."""
+    if weight_dtype in FP8:
+        if not hasattr(model, "enable_layerwise_casting"):
+            raise TrainerError(f"--weight_dtype {weight_dtype}: {type(model).__name__} is not a diffusers model")
+        # before the adapter is attached: the hooks sit on the frozen layers only, so peft's layers
+        # (added afterwards, as children of the hooked base layers' wrappers) keep their fp32 masters
+        model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype)
+    elif weight_dtype == "int8" and getattr(model, "hf_quantizer", None) is None:
+        raise TrainerError("--weight_dtype int8 is applied while loading a model from a file or folder; "
+                           "pass --model as a path")
+
+
+def is_plain(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is an ordinary dense tensor (not a quantized tensor subclass)."""
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds in memory, counting the inner tensors of a quantized tensor subclass."""
+    if is_plain(tensor):
+        return tensor.numel() * tensor.element_size()
+    names, _ = tensor.__tensor_flatten__()  # torchao's tensors: qdata, scale, ...
+    return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the frozen (non-trainable) parameters and buffers of ``model``."""
+    params = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad)
+    return params + sum(tensor_bytes(b) for b in model.buffers())
