@@ -308,3 +308,20 @@ def test_weight_dtype_fp8_on_an_object_and_int8_refused_there():
     assert math.isfinite(res.loss["loss"][0])
     with pytest.raises(TrainerError, match="pass --model as a path"):
         train_lora(flux_model(), family_dataset("flux", size=8), weight_dtype="int8", **FAST)
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+
+def test_fsdp_ram_efficient_loading_reads_the_weights_on_local_rank_zero_only(flux_folder, tmp_path, monkeypatch):
+    """Under accelerate's FSDP CPU-RAM-efficient loading (its launcher sets these variables), the other
+    local ranks build the model on the meta device (FSDP broadcasts rank 0's weights when wrapping)."""
+    single_file = write(tmp_path / "flux.safetensors", bfl_state_dict(flux_model()), "bf16")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    for rank, device in (("0", "cpu"), ("1", "meta")):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        for source in (flux_folder, flux_folder / "transformer", single_file):
+            model = load_model(str(source), dtype=torch.bfloat16).denoiser
+            assert {(p.device.type, p.dtype) for p in model.parameters()} == {(device, torch.bfloat16)}, source
+            assert model.config.num_single_layers == 2

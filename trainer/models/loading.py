@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,29 @@ class Loading:
     def kwargs(self) -> dict:
         return {"torch_dtype": self.dtype, "quantization_config": quantization_config(self.weight_dtype)}
 
+    def load(self, cls, read, config):
+        """``read()`` the model; or, on the processes that FSDP's CPU-RAM-efficient loading spares, build
+        it from ``config()`` on the meta device without reading a byte of weights."""
+        if not self.spared_by_fsdp():
+            return read()
+        from accelerate import init_empty_weights
+
+        logger.info("FSDP CPU-RAM-efficient loading: local rank 0 reads the weights, this rank gets them "
+                    "from it when the model is wrapped")
+        with init_empty_weights():
+            model = cls.from_config(config())
+        return model.to(self.dtype) if self.dtype is not None else model
+
+    def spared_by_fsdp(self) -> bool:
+        """Whether this process is one that accelerate's FSDP CPU-RAM-efficient loading spares (it sets
+        these variables; FSDP's ``sync_module_states`` then broadcasts local rank 0's weights and its
+        ``param_init_fn`` materialises the meta tensors). diffusers' loaders, unlike transformers', do not
+        read the variables themselves, so it is done here. An int8 base is quantized while it is read,
+        so every process reads it."""
+        enabled = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and \
+            os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true")
+        return enabled and int(os.environ.get("LOCAL_RANK", "0")) != 0 and self.weight_dtype != "int8"
+
 
 def _from_path(path: Path, family: str, model_config: str | None, how: Loading) -> LoadedModel:
     if not path.exists():
@@ -77,7 +101,8 @@ def _from_path(path: Path, family: str, model_config: str | None, how: Loading) 
     if (path / "config.json").is_file():
         config = read_json(path / "config.json")
         fam = _detect(config, family, str(path))
-        model = fam.denoiser_class.from_pretrained(path, **how.kwargs())
+        cls = fam.denoiser_class
+        model = how.load(cls, lambda: cls.from_pretrained(path, **how.kwargs()), lambda: cls.load_config(path))
         sibling = path.parent / "scheduler" / "scheduler_config.json"
         scheduler_config = read_json(sibling) if sibling.is_file() else None
         return LoadedModel(fam, model, scheduler_config, "", str(path), "folder",
@@ -91,7 +116,9 @@ def _from_pipeline(path: Path, family: str, how: Loading) -> LoadedModel:
     for subfolder in ("transformer", "unet"):
         if subfolder in index and (path / subfolder / "config.json").is_file():
             fam = _detect(read_json(path / subfolder / "config.json"), family, str(path / subfolder))
-            model = fam.denoiser_class.from_pretrained(path, subfolder=subfolder, **how.kwargs())
+            cls = fam.denoiser_class
+            model = how.load(cls, lambda: cls.from_pretrained(path, subfolder=subfolder, **how.kwargs()),
+                             lambda: cls.load_config(path, subfolder=subfolder))
             scheduler_file = path / "scheduler" / "scheduler_config.json"
             scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else None
             return LoadedModel(fam, model, scheduler_config, "", str(path), "pipeline",
@@ -121,21 +148,29 @@ def _from_single_file(path: Path, family: str, model_config: str | None, how: Lo
     else:
         fam = _single_file_family(header, family, path)
         config_root, scheduler_config = fam.single_file_config(header)
-        overrides = fam.single_file_overrides(header)
+        try:
+            overrides = fam.single_file_overrides(header)
+        except KeyError as e:
+            raise TrainerError(f"--model: {path.name} looks like a {fam.name} checkpoint but has no tensor {e} "
+                               f"({describe_layout(header)})") from None
         subfolder, vae_scale_factor = fam.subfolder, 8
-    # only the denoiser's tensors are read (an all-in-one file also holds the VAE and text encoders),
-    # each cast to the training dtype as it is read: the host never holds the file's copy and the
-    # model's copy of the whole denoiser at once
-    state_dict = fam.single_file_state_dict(read_denoiser_tensors(path, header, how.dtype))
-    try:
-        model = fam.denoiser_class.from_single_file(state_dict, config=str(config_root), subfolder=subfolder,
-                                                    local_files_only=True, **how.kwargs(), **overrides)
-    except (ValueError, KeyError, RuntimeError) as e:  # diffusers' converters raise these on a mismatch
-        where = "--model_config" if model_config is not None else f"the built-in {fam.name} config"
-        raise TrainerError(f"--model: {path.name} does not fit {where} ({str(e).splitlines()[0][:200]}); "
-                           "pass --model_config with the checkpoint's diffusers config folder") from None
-    finally:
-        del state_dict
+    def read():
+        # only the denoiser's tensors are read (an all-in-one file also holds the VAE and text encoders),
+        # each cast to the training dtype as it is read: the host never holds the file's copy and the
+        # model's copy of the whole denoiser at once
+        state_dict = fam.single_file_state_dict(read_denoiser_tensors(path, header, how.dtype))
+        try:
+            return fam.denoiser_class.from_single_file(state_dict, config=str(config_root), subfolder=subfolder,
+                                                       local_files_only=True, **how.kwargs(), **overrides)
+        except (ValueError, KeyError, RuntimeError) as e:  # diffusers' converters raise these on a mismatch
+            where = "--model_config" if model_config is not None else f"the built-in {fam.name} config"
+            raise TrainerError(f"--model: {path.name} does not fit {where} ({str(e).splitlines()[0][:200]}); "
+                               "pass --model_config with the checkpoint's diffusers config folder") from None
+
+    def config():
+        return {**fam.denoiser_class.load_config(str(config_root), subfolder=subfolder), **overrides}
+
+    model = how.load(fam.denoiser_class, read, config)
     return LoadedModel(fam, model, scheduler_config, "", str(path), "single_file",
                        vae_scale_factor=vae_scale_factor)
 
