@@ -88,8 +88,7 @@ class TrainConfig:
     guidance: float = _param(1.0, "Flux.1 dev-style (guidance-distilled) models: the guidance value fed "
                              "while training; 1.0 keeps the distilled guidance intact", range=(0.0, 100.0))
     model_config: str | None = _param(None, "diffusers config folder for a single-file checkpoint "
-                                      "(default: the built-in config of the detected family: SD 1.x/2.x, "
-                                      "SDXL; SD3 and Flux need it)")
+                                      "(default: the built-in config of the detected family and variant)")
     log_every: int = _param(10, "read the loss back from the device and log it every N steps",
                             range=(1, 100000))
     report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"))
