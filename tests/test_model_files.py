@@ -325,3 +325,15 @@ def test_fsdp_ram_efficient_loading_reads_the_weights_on_local_rank_zero_only(fl
             model = load_model(str(source), dtype=torch.bfloat16).denoiser
             assert {(p.device.type, p.dtype) for p in model.parameters()} == {(device, torch.bfloat16)}, source
             assert model.config.num_single_layers == 2
+
+
+@pytest.mark.parametrize("algorithm", ["LoRA", "LoKr"])
+def test_fp8_unet_trains_with_gradient_checkpointing(algorithm):
+    """A UNet (convolutions and Linear layers) stored in fp8 trains with checkpointing's recompute."""
+    from test_families import tiny_sdxl
+
+    res = train_lora(tiny_sdxl(), family_dataset("sdxl"), weight_dtype="fp8_e4m3fn", algorithm=algorithm,
+                     **{**FAST, "steps": 2, "training_dtype": "bf16", "gradient_checkpointing": True})
+    assert all(math.isfinite(v) for v in res.loss["loss"])
+    dtypes = {m.weight.dtype for m in res.model_with_lora.modules() if isinstance(m, torch.nn.Linear)}
+    assert torch.float8_e4m3fn in dtypes

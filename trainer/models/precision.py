@@ -3,8 +3,9 @@
 - ``default``: the training dtype (bf16 or fp32), materialised directly in it when loading.
 - ``fp8_e4m3fn`` / ``fp8_e5m2``: weights stored in fp8 and each layer computed in the training dtype,
   through diffusers' layerwise casting (a hook casts one layer up before its forward and back after).
-  Norms, embeddings and the in/out projections stay in the training dtype (diffusers' default skip
-  patterns), and so do the adapter's layers.
+  Norms, modulations, embeddings and the in/out projections stay in the training dtype (diffusers'
+  skip patterns for each model), and so do convolutions (see :func:`apply_weight_dtype`) and the
+  adapter's layers.
 - ``int8``: int8 weight-only quantization by torchao through diffusers' ``TorchAoConfig``, applied
   tensor by tensor while loading. torchao was picked over bitsandbytes (CUDA-first, its CPU backend is
   partial) and optimum-quanto (maintenance only) because it is PyTorch's own quantization library,
@@ -23,6 +24,8 @@ from ..errors import TrainerError
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2", "int8")
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+                torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 
 
 def quantization_config(weight_dtype: str):
@@ -48,7 +51,11 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
             raise TrainerError(f"--weight_dtype {weight_dtype}: {type(model).__name__} is not a diffusers model")
         # before the adapter is attached: the hooks sit on the frozen layers only, so peft's layers
         # (added afterwards, as children of the hooked base layers' wrappers) keep their fp32 masters
-        model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype)
+        # convolutions stay in the compute dtype: autograd saves a convolution's weight parameter itself,
+        # which the hook casts back to fp8 after the forward, so backward (and checkpointing's recompute
+        # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
+        model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype,
+                                       skip_modules_classes=CONVOLUTIONS)
     elif weight_dtype == "int8" and getattr(model, "hf_quantizer", None) is None:
         raise TrainerError("--weight_dtype int8 is applied while loading a model from a file or folder; "
                            "pass --model as a path")
