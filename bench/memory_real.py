@@ -133,7 +133,7 @@ def measure(code: Path, model: str, latents: str, out: Path, params: dict) -> di
 
 
 def memory_section(args, folder: Path) -> tuple[str, list[list]]:
-    config = dict(FLUX_WIDTH)
+    config = dict(FLUX_WIDTH, num_layers=args.double_blocks, num_single_layers=args.single_blocks)
     if args.quick:
         config.update(num_attention_heads=8, joint_attention_dim=1024)
     bf16_bytes = build_flux_width(folder / "flux", config)
@@ -194,6 +194,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weight_dtypes", nargs="*", default=["default", "fp8_e4m3fn", "int8"])
     parser.add_argument("--steps", type=int, default=2, help="training steps of the memory runs")
+    parser.add_argument("--double_blocks", type=int, default=1, help="double blocks of the Flux-width model")
+    parser.add_argument("--single_blocks", type=int, default=2, help="single blocks of the Flux-width model")
     parser.add_argument("--side", type=int, default=32, help="latent side of the memory runs")
     parser.add_argument("--tokens", type=int, default=32, help="text tokens of the memory runs")
     parser.add_argument("--distance_steps", type=int, default=40, help="steps of the distance runs")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from test_families import FAST, family_dataset, sd3_original_state_dict, tiny_pipeline
+
 from trainer.api import train_lora
 from trainer.errors import TrainerError
 from trainer.models import load_model
@@ -186,6 +186,7 @@ def test_sdxl_all_in_one_checkpoint_reads_only_the_unet(tmp_path, storage):
     """An A1111/ComfyUI checkpoints/ file: the UNet under model.diffusion_model. next to the VAE and the
     text encoders, stored fp16 or fp8; only the UNet is read, in the training dtype."""
     from test_families import tiny_sdxl
+
     from trainer.models.sd_names import diffusers_to_ldm_state_dict
 
     unet_state = {k.removeprefix(PREFIX): v for k, v in diffusers_to_ldm_state_dict(tiny_sdxl()).items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -102,7 +103,7 @@ def _from_path(path: Path, family: str, model_config: str | None, how: Loading) 
         config = read_json(path / "config.json")
         fam = _detect(config, family, str(path))
         cls = fam.denoiser_class
-        model = how.load(cls, lambda: cls.from_pretrained(path, **how.kwargs()), lambda: cls.load_config(path))
+        model = how.load(cls, partial(cls.from_pretrained, path, **how.kwargs()), partial(cls.load_config, path))
         sibling = path.parent / "scheduler" / "scheduler_config.json"
         scheduler_config = read_json(sibling) if sibling.is_file() else None
         return LoadedModel(fam, model, scheduler_config, "", str(path), "folder",
@@ -117,8 +118,8 @@ def _from_pipeline(path: Path, family: str, how: Loading) -> LoadedModel:
         if subfolder in index and (path / subfolder / "config.json").is_file():
             fam = _detect(read_json(path / subfolder / "config.json"), family, str(path / subfolder))
             cls = fam.denoiser_class
-            model = how.load(cls, lambda: cls.from_pretrained(path, subfolder=subfolder, **how.kwargs()),
-                             lambda: cls.load_config(path, subfolder=subfolder))
+            model = how.load(cls, partial(cls.from_pretrained, path, subfolder=subfolder, **how.kwargs()),
+                             partial(cls.load_config, path, subfolder=subfolder))
             scheduler_file = path / "scheduler" / "scheduler_config.json"
             scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else None
             return LoadedModel(fam, model, scheduler_config, "", str(path), "pipeline",
