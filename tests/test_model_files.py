@@ -338,3 +338,14 @@ def test_fp8_unet_trains_with_gradient_checkpointing(algorithm):
     assert all(math.isfinite(v) for v in res.loss["loss"])
     dtypes = {m.weight.dtype for m in res.model_with_lora.modules() if isinstance(m, torch.nn.Linear)}
     assert torch.float8_e4m3fn in dtypes
+
+
+def test_int8_unet_trains(tmp_path):
+    """A UNet quantized to int8 (its convolutions stay bf16) trains under bf16 autocast."""
+    pytest.importorskip("torchao", reason="the optional quant extra (torchao) is not installed")
+    from test_families import tiny_sdxl
+
+    tiny_pipeline("sdxl", denoiser=tiny_sdxl()).save_pretrained(tmp_path / "pipe")
+    res = train_lora(str(tmp_path / "pipe"), family_dataset("sdxl"), weight_dtype="int8", output_dir=str(tmp_path),
+                     **{**FAST, "steps": 2, "training_dtype": "bf16", "gradient_checkpointing": True})
+    assert all(math.isfinite(v) for v in res.loss["loss"])

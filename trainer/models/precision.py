@@ -18,6 +18,8 @@ bf16 base: the file only holds the adapter.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..errors import TrainerError
@@ -56,9 +58,20 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
         # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
         model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype,
                                        skip_modules_classes=CONVOLUTIONS)
-    elif weight_dtype == "int8" and getattr(model, "hf_quantizer", None) is None:
-        raise TrainerError("--weight_dtype int8 is applied while loading a model from a file or folder; "
-                           "pass --model as a path")
+    elif weight_dtype == "int8":
+        if getattr(model, "hf_quantizer", None) is None:
+            raise TrainerError("--weight_dtype int8 is applied while loading a model from a file or folder; "
+                               "pass --model as a path")
+        # torchao's tensors take F.linear at the __torch_function__ level, ahead of autocast, so autocast
+        # never casts their inputs: a layer fed fp32 would answer in fp32 and, added to a bf16 branch,
+        # turn a UNet's group norms (bf16 weights) into a dtype error. Cast the inputs as autocast would.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not is_plain(module.weight):
+                module.register_forward_pre_hook(partial(_cast_inputs, dtype=compute_dtype))
+
+
+def _cast_inputs(module: torch.nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def is_plain(tensor: torch.Tensor) -> bool:
