@@ -153,7 +153,8 @@ def memory_section(args, folder: Path) -> tuple[str, list[list]]:
                      f"{(r['vm_hwm'] - r['baseline_anon']) / gib:.2f}"])
         print(rows[-1], flush=True)
     title = (f"Real width: Flux-width transformer ({config['num_attention_heads'] * 128} wide, "
-             f"{config['num_layers']} double + {config['num_single_layers']} single blocks, {bf16_bytes / 2 / 1e9:.2f} B "
+             f"{config['num_layers']} double + {config['num_single_layers']} single blocks, "
+             f"{bf16_bytes / 2 / 1e9:.2f} B "
              f"parameters, {bf16_bytes / gib:.2f} GiB in bf16), {args.steps} bf16 steps, latents "
              f"{args.side}x{args.side}, code {args.code}")
     return title, rows

@@ -181,10 +181,11 @@ def test_sd3_file_loads_without_a_config(tmp_path, storage, prefixed):
     assert res.steps == 1 and math.isfinite(res.loss["loss"][0])
 
 
-@pytest.mark.parametrize("storage", ["fp16", "fp8_e5m2"])
-def test_sdxl_all_in_one_checkpoint_reads_only_the_unet(tmp_path, storage):
+@pytest.mark.parametrize(("storage", "prefixed"), [("fp16", True), ("fp8_e5m2", True), ("bf16", False)])
+def test_sdxl_all_in_one_checkpoint_reads_only_the_unet(tmp_path, storage, prefixed):
     """An A1111/ComfyUI checkpoints/ file: the UNet under model.diffusion_model. next to the VAE and the
-    text encoders, stored fp16 or fp8; only the UNet is read, in the training dtype."""
+    text encoders, stored fp16 or fp8; only the UNet is read, in the training dtype. Bare: a UNet-only
+    file as ComfyUI keeps it in diffusion_models/."""
     from test_families import tiny_sdxl
 
     from trainer.models.sd_names import diffusers_to_ldm_state_dict
@@ -192,7 +193,7 @@ def test_sdxl_all_in_one_checkpoint_reads_only_the_unet(tmp_path, storage):
     unet_state = {k.removeprefix(PREFIX): v for k, v in diffusers_to_ldm_state_dict(tiny_sdxl()).items()}
     others = {"first_stage_model.decoder.conv_in.weight": torch.ones(4, 4, 3, 3),
               "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.ones(8, 4)}
-    path = write(tmp_path / "sdxl.safetensors", unet_state, storage, prefixed=True, extra=others)
+    path = write(tmp_path / "sdxl.safetensors", unet_state, storage, prefixed, extra=others if prefixed else None)
     tiny_pipeline("sdxl").save_pretrained(tmp_path / "pipe")
     loaded = load_model(str(path), model_config=str(tmp_path / "pipe"), dtype=torch.bfloat16)
     assert loaded.family.name == "sdxl"

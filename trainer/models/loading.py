@@ -155,6 +155,7 @@ def _from_single_file(path: Path, family: str, model_config: str | None, how: Lo
             raise TrainerError(f"--model: {path.name} looks like a {fam.name} checkpoint but has no tensor {e} "
                                f"({describe_layout(header)})") from None
         subfolder, vae_scale_factor = fam.subfolder, 8
+
     def read():
         # only the denoiser's tensors are read (an all-in-one file also holds the VAE and text encoders),
         # each cast to the training dtype as it is read: the host never holds the file's copy and the

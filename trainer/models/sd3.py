@@ -99,7 +99,8 @@ class StableDiffusion3(ModelFamily):
             pooled_projection_dim=sd["y_embedder.mlp.0.weight"].shape[1],
             pos_embed_max_size=round(pos_embed.shape[1] ** 0.5) if pos_embed is not None else None,
             qk_norm="rms_norm" if ln_q is not None else None,
-            dual_attention_layers=tuple(sorted(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd)),
+            dual_attention_layers=tuple(sorted(i for i in blocks
+                                               if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd)),
         )
 
     def single_file_state_dict(self, tensors):
