@@ -199,7 +199,8 @@ def _apply_offsets(model: torch.nn.Module, deltas: dict[str, dict[str, torch.Ten
         for key, attr in (("diff", "weight"), ("diff_b", "bias")):
             if key in offsets:
                 param = getattr(module, attr)
-                param.add_(offsets[key].to(param.dtype).reshape(param.shape))
+                # summed in fp32: a bias stored in fp8 (--weight_dtype) has no in-place add
+                param.copy_((param.float() + offsets[key].float().reshape(param.shape)).to(param.dtype))
 
 
 def train_step(model, family, objective, loss_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
