@@ -350,3 +350,34 @@ def test_int8_unet_trains(tmp_path):
     res = train_lora(str(tmp_path / "pipe"), family_dataset("sdxl"), weight_dtype="int8", output_dir=str(tmp_path),
                      **{**FAST, "steps": 2, "training_dtype": "bf16", "gradient_checkpointing": True})
     assert all(math.isfinite(v) for v in res.loss["loss"])
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "sdxl"])
+def test_fp8_file_under_fp8_weight_dtype_is_held_once_in_fp8(tmp_path, family):
+    """An fp8 single file with --weight_dtype fp8 is assigned in fp8 (never upcast as a whole): the same
+    model as reading it in bf16 and casting afterwards, through diffusers' converter where it applies."""
+    from test_families import tiny_sdxl
+    from trainer.models.precision import apply_weight_dtype
+    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+
+    if family == "flux":
+        state, output, config = bfl_state_dict(flux_model()), flux_output, None
+    elif family == "sd3":
+        state, output, config = sd3_original_state_dict(sd3_model()), sd3_output, None
+    else:
+        state, output, config = diffusers_to_ldm_state_dict(tiny_sdxl()), None, tmp_path / "pipe"
+        tiny_pipeline("sdxl").save_pretrained(config)
+    path = write(tmp_path / "model.safetensors", {k.removeprefix(PREFIX): v for k, v in state.items()},
+                 "fp8_e4m3fn", prefixed=family != "flux")
+    kwargs = dict(model_config=str(config) if config else None, dtype=torch.bfloat16)
+    direct = load_model(str(path), weight_dtype="fp8_e4m3fn", **kwargs).denoiser
+    via_bf16 = load_model(str(path), **kwargs).denoiser
+    apply_weight_dtype(via_bf16, "fp8_e4m3fn", torch.bfloat16)
+    a, b = direct.state_dict(), via_bf16.state_dict()
+    assert a.keys() == b.keys() and any(t.dtype == torch.float8_e4m3fn for t in a.values())
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=0, atol=0)
+    if output is not None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(output(direct), output(via_bf16))

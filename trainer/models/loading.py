@@ -12,7 +12,7 @@ import torch
 
 from ..errors import TrainerError
 from .base import CHECKPOINT_PREFIX, FAMILIES, LoadedModel, ModelFamily, get_family, read_json
-from .precision import apply_weight_dtype, quantization_config
+from .precision import FP8, apply_weight_dtype, quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +159,12 @@ def _from_single_file(path: Path, family: str, model_config: str | None, how: Lo
     def read():
         # only the denoiser's tensors are read (an all-in-one file also holds the VAE and text encoders),
         # each cast to the training dtype as it is read: the host never holds the file's copy and the
-        # model's copy of the whole denoiser at once
-        state_dict = fam.single_file_state_dict(read_denoiser_tensors(path, header, how.dtype))
+        # model's copy of the whole denoiser at once. Tensors stored in the fp8 of --weight_dtype stay so.
+        keep = FP8.get(how.weight_dtype)
+        state_dict = fam.single_file_state_dict(read_denoiser_tensors(path, header, how.dtype, keep=keep))
         try:
+            if keep is not None:
+                return _assign_stored(fam.denoiser_class, config(), state_dict, how)
             return fam.denoiser_class.from_single_file(state_dict, config=str(config_root), subfolder=subfolder,
                                                        local_files_only=True, **how.kwargs(), **overrides)
         except (ValueError, KeyError, RuntimeError) as e:  # diffusers' converters raise these on a mismatch
@@ -175,6 +178,31 @@ def _from_single_file(path: Path, family: str, model_config: str | None, how: Lo
     model = how.load(fam.denoiser_class, read, config)
     return LoadedModel(fam, model, scheduler_config, "", str(path), "single_file",
                        vae_scale_factor=vae_scale_factor)
+
+
+def _assign_stored(cls, config: dict, state_dict: dict[str, torch.Tensor], how: Loading) -> torch.nn.Module:
+    """A single file under an fp8 ``--weight_dtype``: the model built on the meta device with its layerwise
+    casting in place, then each tensor cast to the dtype its parameter is stored in and assigned.
+
+    ``from_single_file`` would cast every tensor to one ``torch_dtype`` first, so an fp8 file (ComfyUI's
+    flux1-dev-fp8) would be held in bf16 (twice its size) before going back to fp8; this holds it
+    once, in fp8. diffusers' own key conversion for the class is used when the names differ."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    with init_empty_weights():
+        model = cls.from_config(config)
+    model.to(how.dtype)
+    apply_weight_dtype(model, how.weight_dtype, how.dtype)  # the stored layers' meta parameters turn fp8
+    expected = model.state_dict()
+    if set(expected) != set(state_dict):
+        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+        state_dict = convert(config=config, checkpoint=state_dict)
+    for key in list(state_dict):
+        if key in expected and state_dict[key].is_floating_point():
+            state_dict[key] = state_dict[key].to(expected[key].dtype)  # one tensor at a time
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
 
 
 def read_checkpoint_header(path: Path) -> dict[str, torch.Tensor]:
@@ -200,11 +228,12 @@ def _meta(tensor_slice) -> torch.Tensor:
     return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
 
 
-def read_denoiser_tensors(path: Path, header: dict[str, torch.Tensor],
-                          dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def read_denoiser_tensors(path: Path, header: dict[str, torch.Tensor], dtype: torch.dtype | None,
+                          keep: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The denoiser's tensors of a single file under their original names without the
     ``model.diffusion_model.`` prefix (a file either has it on all denoiser keys, all-in-one, or on
-    none, diffusion-model-only), floating ones cast to ``dtype`` one by one as they are read."""
+    none, diffusion-model-only), floating ones cast to ``dtype`` one by one as they are read, except
+    those stored in ``keep``."""
     from safetensors import safe_open
 
     prefixed = any(key.startswith(CHECKPOINT_PREFIX) for key in header)
@@ -213,7 +242,7 @@ def read_denoiser_tensors(path: Path, header: dict[str, torch.Tensor],
     with safe_open(str(path), framework="pt") as f:
         for key in keys:
             tensor = f.get_tensor(key)
-            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype not in (dtype, keep):
                 tensor = tensor.to(dtype)
             tensors[key.removeprefix(CHECKPOINT_PREFIX)] = tensor
     return tensors

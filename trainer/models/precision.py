@@ -48,6 +48,8 @@ def quantization_config(weight_dtype: str):
 def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype: torch.dtype) -> None:
     """Store a loaded model's weights as ``weight_dtype`` says (fp8: layerwise casting). ``int8`` is
     applied while loading (:func:`quantization_config`); a model handed over as an object cannot be."""
+    if getattr(model, "_trainer_weight_dtype", None) == weight_dtype:
+        return  # applied while loading (an fp8 single file is assigned into a model already set up)
     if weight_dtype in FP8:
         if not hasattr(model, "enable_layerwise_casting"):
             raise TrainerError(f"--weight_dtype {weight_dtype}: {type(model).__name__} is not a diffusers model")
@@ -58,6 +60,7 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
         # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
         model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype,
                                        skip_modules_classes=CONVOLUTIONS)
+        model._trainer_weight_dtype = weight_dtype
     elif weight_dtype == "int8":
         if getattr(model, "hf_quantizer", None) is None:
             raise TrainerError("--weight_dtype int8 is applied while loading a model from a file or folder; "
