@@ -357,6 +357,7 @@ def test_fp8_file_under_fp8_weight_dtype_is_held_once_in_fp8(tmp_path, family):
     """An fp8 single file with --weight_dtype fp8 is assigned in fp8 (never upcast as a whole): the same
     model as reading it in bf16 and casting afterwards, through diffusers' converter where it applies."""
     from test_families import tiny_sdxl
+
     from trainer.models.precision import apply_weight_dtype
     from trainer.models.sd_names import diffusers_to_ldm_state_dict
 
