@@ -85,7 +85,7 @@ print("RESULT " + json.dumps({"baseline_anon": baseline_anon, "peak_anon": peak[
 """
 
 
-def build_flux_width(folder: Path, config: dict) -> int:
+def build_flux_width(folder: Path, config: dict, fp8_file: Path | None = None) -> int:
     """Save a Flux-width transformer as a bf16 diffusers folder without ever holding it in fp32; return its
     bf16 bytes."""
     from diffusers import FluxTransformer2DModel
@@ -101,6 +101,15 @@ def build_flux_width(folder: Path, config: dict) -> int:
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     model.save_pretrained(folder, safe_serialization=True)
+    if fp8_file is not None:
+        # ComfyUI's flux1-dev-fp8 layout: BFL names, stored float8_e4m3fn (the tests' BFL writer)
+        from safetensors.torch import save_file
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_model_files import bfl_state_dict
+
+        save_file({k: v.to(torch.float8_e4m3fn).contiguous() for k, v in bfl_state_dict(model).items()},
+                  str(fp8_file))
     size = sum(p.numel() * 2 for p in model.parameters())
     del model
     return size
@@ -136,19 +145,22 @@ def memory_section(args, folder: Path) -> tuple[str, list[list]]:
     config = dict(FLUX_WIDTH, num_layers=args.double_blocks, num_single_layers=args.single_blocks)
     if args.quick:
         config.update(num_attention_heads=8, joint_attention_dim=1024)
-    bf16_bytes = build_flux_width(folder / "flux", config)
+    fp8_file = folder / "flux1-fp8.safetensors" if args.fp8_file else None
+    bf16_bytes = build_flux_width(folder / "flux", config, fp8_file)
     flux_dataset(folder / "latents", config, rows=2, side=args.side, tokens=args.tokens)
     gib = 2 ** 30
+    runs = [("bf16 folder", folder / "flux", w) for w in args.weight_dtypes]
+    if fp8_file is not None:
+        runs += [("fp8 BFL file", fp8_file, w) for w in ("default", "fp8_e4m3fn") if w in args.weight_dtypes]
     rows = []
-    for weight_dtype in args.weight_dtypes:
+    for source, model, weight_dtype in runs:
         params = dict(steps=args.steps, training_dtype="bf16", lora_dtype="bf16", batch_size=1,
                       gradient_checkpointing=True, log_every=1, rank=16)
         if weight_dtype != "default":
             params["weight_dtype"] = weight_dtype
-        r = measure(Path(args.code), str(folder / "flux"), str(folder / "latents"), folder / f"out_{weight_dtype}",
-                    params)
+        r = measure(Path(args.code), str(model), str(folder / "latents"), folder / f"out_{weight_dtype}", params)
         above = r["peak_anon"] - r["baseline_anon"]
-        rows.append([weight_dtype, f"{r['frozen_bytes'] / gib:.2f}", f"{r['frozen_bytes'] / bf16_bytes:.2f}",
+        rows.append([source, weight_dtype, f"{r['frozen_bytes'] / gib:.2f}", f"{r['frozen_bytes'] / bf16_bytes:.2f}",
                      f"{above / gib:.2f}", f"{above / bf16_bytes:.2f}",
                      f"{(r['vm_hwm'] - r['baseline_anon']) / gib:.2f}"])
         print(rows[-1], flush=True)
@@ -202,6 +214,8 @@ def main(argv=None) -> None:
     parser.add_argument("--distance_steps", type=int, default=40, help="steps of the distance runs")
     parser.add_argument("--code", default=str(ROOT), help="checkout whose trainer is measured (memory)")
     parser.add_argument("--sections", nargs="*", default=["memory", "distance"], choices=["memory", "distance"])
+    parser.add_argument("--fp8_file", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the model as a BFL single file stored in fp8 (ComfyUI's fp8 Flux)")
     parser.add_argument("--quick", action="store_true", help="narrower model, fewer steps: a smoke run")
     parser.add_argument("--no_record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -213,7 +227,7 @@ def main(argv=None) -> None:
         folder = Path(tmp)
         if "memory" in args.sections:
             title, rows = memory_section(args, folder)
-            blocks.append(table(title, ["weight_dtype", "frozen GiB", "x bf16", "peak anon GiB above baseline",
+            blocks.append(table(title, ["model", "weight_dtype", "frozen GiB", "x bf16", "peak anon GiB above baseline",
                                         "x bf16 bytes", "VmHWM GiB above baseline (file pages too)"], rows))
         if "distance" in args.sections:
             rows = distance_section(args, folder)
