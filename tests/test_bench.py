@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,3 +16,11 @@ def test_bench_quick_runs_and_prints_every_section():
     for title in ("Overhead", "Data", "Memory"):
         assert f"**{title}" in proc.stdout
     assert "speed ratio" in proc.stdout and "headroom" in proc.stdout
+
+
+@pytest.mark.slow
+def test_memory_real_quick_runs_and_prints_both_sections():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_real.py"), "--quick", "--no_record",
+                           "--weight_dtypes", "default", "fp8_e4m3fn"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "**Real width" in proc.stdout and "**Distance from the bf16 base" in proc.stdout

@@ -99,8 +99,7 @@ class TrainConfig:
     guidance: float = _param(1.0, "Flux.1 dev-style (guidance-distilled) models: the guidance value fed "
                              "while training; 1.0 keeps the distilled guidance intact", range=(0.0, 100.0))
     model_config: str | None = _param(None, "diffusers config folder for a single-file checkpoint "
-                                      "(default: the built-in config of the detected family: SD 1.x/2.x, "
-                                      "SDXL; SD3 and Flux need it)")
+                                      "(default: the built-in config of the detected family and variant)")
     log_every: int = _param(10, "read the loss back from the device and log it every N steps",
                             range=(1, 100000), identity=False)
     report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"),
@@ -117,6 +116,11 @@ class TrainConfig:
                                                  range=(1, 100000), identity=False)
     resume_from_checkpoint: str | None = _param(None, "'latest' or a checkpoint folder: continue that run "
                                                 "exactly (--steps counts the whole run)", identity=False)
+    # --- model storage (issue 14) ---
+    weight_dtype: str = _param("default", "how the frozen base is stored: default = the training dtype; "
+                               "fp8_e4m3fn/fp8_e5m2 = fp8, each layer computed in the training dtype; int8 = "
+                               "int8 weight-only (needs torchao)",
+                               choices=("default", "fp8_e4m3fn", "fp8_e5m2", "int8"))
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -30,6 +30,7 @@ from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
 from .losses import get_loss
 from .models import load_model
+from .models.precision import is_plain
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
@@ -232,10 +233,13 @@ def _output_bytes(cfg: TrainConfig, run: Run, preemptible: bool) -> tuple[int, s
 
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
     """Load the model and data, attach the adapter (fresh or from ``existing_lora``)."""
+    if cfg.save_merged_model and cfg.weight_dtype != "default":
+        raise TrainerError(f"--save_merged_model merges into the base weights, which --weight_dtype "
+                           f"{cfg.weight_dtype} stores at reduced precision; use --weight_dtype default")
     # open the dataset first: a wrong path fails in a second, not after loading a large model
     dataset = open_dataset(cfg.latents if latents is None else latents, "--latents")
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
-                        cfg.model_config)
+                        cfg.model_config, dtype=_DTYPES[cfg.training_dtype], weight_dtype=cfg.weight_dtype)
     family, denoiser = loaded.family, loaded.denoiser
     data = TrainingData(dataset, cfg.positive if positive is None else positive, family, denoiser)
     targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
@@ -290,7 +294,8 @@ def _apply_offsets(model: torch.nn.Module, deltas: dict[str, dict[str, torch.Ten
         for key, attr in (("diff", "weight"), ("diff_b", "bias")):
             if key in offsets:
                 param = getattr(module, attr)
-                param.add_(offsets[key].to(param.dtype).reshape(param.shape))
+                # summed in fp32: a bias stored in fp8 (--weight_dtype) has no in-place add
+                param.copy_((param.float() + offsets[key].float().reshape(param.shape)).to(param.dtype))
 
 
 def train_step(model, family, objective, loss_fn, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -470,9 +475,11 @@ def _rescue(run: Run, lora, metadata) -> str:
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the frozen weights once (the adapter's trainable fp32 masters are left alone)."""
+    """Cast the frozen weights of a model handed over as an object once (one read from a file is already
+    in the training dtype; the adapter's trainable fp32 masters, fp8-stored and quantized weights of
+    ``--weight_dtype`` are left alone)."""
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
+        if not p.requires_grad and p.dtype in (torch.float32, torch.float16) and is_plain(p):
             p.data = p.data.to(dtype)
 
 

@@ -88,6 +88,14 @@ class DiagOFTConfig(LycorisConfig):
             self.target_modules = set(self.target_modules)
 
 
+def compute_dtype(weight: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype the rotated weight is used in: the base weight's, unless that is only a storage dtype
+    (fp8 or a quantized tensor, ``--weight_dtype``), whose layers compute in the input's dtype."""
+    stored = weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or \
+        type(weight) not in (torch.Tensor, nn.Parameter)
+    return x.dtype if stored else weight.dtype
+
+
 class DiagOFTLayer(nn.Module, BaseTunerLayer):
     """A Linear/Conv layer whose weight is used rotated by the active adapter's block rotations."""
 
@@ -119,6 +127,8 @@ class DiagOFTLayer(nn.Module, BaseTunerLayer):
     def rotated_weight(self) -> torch.Tensor:
         """The base weight as the active adapters use it."""
         weight = self.base_layer.weight
+        if type(weight) not in (torch.Tensor, nn.Parameter):  # a quantized base (--weight_dtype int8)
+            weight = weight.dequantize()
         for name in self.active_adapters:
             if name in self.oft_blocks:
                 weight = rotate(weight, self.rotation(name))
@@ -146,7 +156,7 @@ class DiagOFTLayer(nn.Module, BaseTunerLayer):
         if self.disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
-        weight = self.rotated_weight().to(base.weight.dtype)
+        weight = self.rotated_weight().to(compute_dtype(base.weight, x))
         if isinstance(base, nn.Linear):
             return F.linear(x, weight, base.bias)
         return base._conv_forward(x, weight, base.bias)

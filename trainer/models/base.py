@@ -13,6 +13,8 @@ from ..errors import TrainerError
 from ..objectives import ObjectiveOptions
 
 FAMILIES: dict[str, ModelFamily] = {}
+#: where an all-in-one checkpoint (A1111/ComfyUI/SAI) keeps the denoiser's tensors
+CHECKPOINT_PREFIX = "model.diffusion_model."
 
 
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
@@ -74,6 +76,17 @@ class ModelFamily:
         raise TrainerError(f"single-file {self.name} checkpoints need --model_config: the diffusers config "
                            f"folder of the model (its {self.subfolder}/ folder, or the pipeline folder)")
 
+    def single_file_overrides(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Config fields read from a single file's shapes, over the built-in config (its depth and widths,
+        so a pruned or scaled variant loads too); ``state_dict`` may hold meta tensors."""
+        return {}
+
+    def single_file_state_dict(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A single file's denoiser tensors (original names, prefix removed) as this family's diffusers
+        ``from_single_file`` takes them: by default under ``model.diffusion_model.``, where diffusers'
+        LDM UNet converter looks for them."""
+        return {CHECKPOINT_PREFIX + key: tensor for key, tensor in tensors.items()}
+
     def base_model_version(self, model: torch.nn.Module) -> str:
         return self.name
 
@@ -92,7 +105,22 @@ class ModelFamily:
 
 def has_checkpoint_key(state_dict: dict[str, torch.Tensor], key: str) -> bool:
     """Whether an original-layout checkpoint holds ``key``, bare or under ``model.diffusion_model.``."""
-    return key in state_dict or f"model.diffusion_model.{key}" in state_dict
+    return key in state_dict or CHECKPOINT_PREFIX + key in state_dict
+
+
+def denoiser_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An original-layout checkpoint's denoiser tensors without the ``model.diffusion_model.`` prefix (a
+    file either has it on all of them, all-in-one, or on none, diffusion-model-only)."""
+    if any(key.startswith(CHECKPOINT_PREFIX) for key in state_dict):
+        return {key.removeprefix(CHECKPOINT_PREFIX): t for key, t in state_dict.items()
+                if key.startswith(CHECKPOINT_PREFIX)}
+    return state_dict
+
+
+def checkpoint_tensor(state_dict: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
+    """An original-layout checkpoint's tensor ``key``, bare or under ``model.diffusion_model.``, or None."""
+    found = state_dict.get(key)
+    return found if found is not None else state_dict.get(CHECKPOINT_PREFIX + key)
 
 
 @dataclass

@@ -21,7 +21,9 @@ from diffusers import FluxTransformer2DModel
 
 from ..errors import TrainerError
 from ..objectives import FlowMatchObjective
-from .base import ModelFamily, has_checkpoint_key, register_family
+from .base import ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
+from .flux_names import bfl_to_diffusers, flux_config
+from .sd import CONFIGS
 from .sd3 import check_text_conditioning, peft_file_tensors
 
 #: FlowMatchEulerDiscreteScheduler configs of FLUX.1 dev (resolution-dependent shift) and schnell
@@ -71,6 +73,17 @@ class Flux(ModelFamily):
 
     def matches_checkpoint(self, state_dict):
         return has_checkpoint_key(state_dict, "double_blocks.0.img_attn.norm.key_norm.scale")
+
+    def single_file_config(self, state_dict):
+        # FLUX.1 dev is guidance-distilled (it has the guidance embedder); schnell is not
+        variant = "flux_dev" if has_checkpoint_key(state_dict, "guidance_in.in_layer.weight") else "flux_schnell"
+        return CONFIGS / variant, read_json(CONFIGS / variant / "scheduler" / "scheduler_config.json")
+
+    def single_file_overrides(self, state_dict):
+        return flux_config(denoiser_keys(state_dict))
+
+    def single_file_state_dict(self, tensors):
+        return bfl_to_diffusers(tensors)
 
     def latent_channels(self, model):
         return model.config.in_channels // 4  # the transformer sees 2x2 patches

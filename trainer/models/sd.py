@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from diffusers import UNet2DConditionModel
 
 from ..errors import TrainerError
 from ..objectives import DDPMObjective
-from .base import ModelFamily, has_checkpoint_key, read_json, register_family
+from .base import CHECKPOINT_PREFIX, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
 
 CONFIGS = Path(__file__).parent / "configs"
+
+
+def with_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's denoiser keys under ``model.diffusion_model.``, where diffusers' detection looks,
+    also for a UNet-only file (ComfyUI's diffusion_models/) that has them bare."""
+    return {CHECKPOINT_PREFIX + key: t for key, t in denoiser_keys(state_dict).items()}
 
 
 @register_family
@@ -40,7 +47,7 @@ class StableDiffusion(ModelFamily):
         # added-conditioning MLP (label_emb) rules it out
         return (has_checkpoint_key(state_dict, "input_blocks.0.0.weight")
                 and not has_checkpoint_key(state_dict, "label_emb.0.0.weight")
-                and infer_diffusers_model_type(state_dict) in ("v1", "v2"))
+                and infer_diffusers_model_type(with_prefix(state_dict)) in ("v1", "v2"))
 
     def make_objective(self, loaded, options):
         default = CONFIGS / "sd1" / "scheduler" / "scheduler_config.json"
@@ -52,7 +59,7 @@ class StableDiffusion(ModelFamily):
     def single_file_config(self, state_dict):
         from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-        model_type = infer_diffusers_model_type(state_dict)
+        model_type = infer_diffusers_model_type(with_prefix(state_dict))
         if model_type not in ("v1", "v2"):
             raise TrainerError(f"single-file checkpoint looks like {model_type!r}, not SD 1.x/2.x; "
                                "pass --model_config with its diffusers config folder")

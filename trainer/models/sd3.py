@@ -21,7 +21,7 @@ from diffusers import SD3Transformer2DModel
 
 from ..errors import TrainerError
 from ..objectives import FlowMatchObjective
-from .base import ModelFamily, has_checkpoint_key, register_family
+from .base import ModelFamily, checkpoint_tensor, denoiser_keys, has_checkpoint_key, read_json, register_family
 
 #: FlowMatchEulerDiscreteScheduler config of SD3 medium and SD3.5, for a model without a scheduler/ folder
 DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
@@ -67,6 +67,44 @@ class StableDiffusion3(ModelFamily):
 
     def matches_checkpoint(self, state_dict):
         return has_checkpoint_key(state_dict, "joint_blocks.0.context_block.adaLN_modulation.1.bias")
+
+    def single_file_config(self, state_dict):
+        from .sd import CONFIGS
+
+        # SD3.5 medium has a second image attention (MMDiT-X) in its first blocks; SD3.5 large has qk norms
+        if has_checkpoint_key(state_dict, "joint_blocks.0.x_block.attn2.qkv.weight"):
+            variant = "sd35_medium"
+        elif has_checkpoint_key(state_dict, "joint_blocks.0.x_block.attn.ln_q.weight"):
+            variant = "sd35_large"
+        else:
+            variant = "sd3_medium"
+        return CONFIGS / variant, read_json(CONFIGS / variant / "scheduler" / "scheduler_config.json")
+
+    def single_file_overrides(self, state_dict):
+        sd = denoiser_keys(state_dict)
+        hidden, in_channels, patch, _ = sd["x_embedder.proj.weight"].shape
+        ln_q = checkpoint_tensor(sd, "joint_blocks.0.x_block.attn.ln_q.weight")
+        head_dim = ln_q.shape[0] if ln_q is not None else 64  # every SD3/3.5 release has 64-wide heads
+        blocks = {int(key.split(".")[1]) for key in sd if key.startswith("joint_blocks.")}
+        pos_embed = sd.get("pos_embed")
+        return dict(
+            in_channels=in_channels,
+            out_channels=sd["final_layer.linear.weight"].shape[0] // (patch * patch),
+            patch_size=patch,
+            num_layers=max(blocks) + 1,
+            attention_head_dim=head_dim,
+            num_attention_heads=hidden // head_dim,
+            caption_projection_dim=sd["context_embedder.weight"].shape[0],
+            joint_attention_dim=sd["context_embedder.weight"].shape[1],
+            pooled_projection_dim=sd["y_embedder.mlp.0.weight"].shape[1],
+            pos_embed_max_size=round(pos_embed.shape[1] ** 0.5) if pos_embed is not None else None,
+            qk_norm="rms_norm" if ln_q is not None else None,
+            dual_attention_layers=tuple(sorted(i for i in blocks
+                                               if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd)),
+        )
+
+    def single_file_state_dict(self, tensors):
+        return tensors  # diffusers' SD3 converter reads bare names and splits by the tensors' own shapes
 
     def check_conditioning(self, model, shapes):
         check_text_conditioning(model, shapes)

@@ -1,0 +1,96 @@
+"""How the frozen base is stored: ``--weight_dtype`` (ComfyUI's name on its model loader).
+
+- ``default``: the training dtype (bf16 or fp32), materialised directly in it when loading.
+- ``fp8_e4m3fn`` / ``fp8_e5m2``: weights stored in fp8 and each layer computed in the training dtype,
+  through diffusers' layerwise casting (a hook casts one layer up before its forward and back after).
+  Norms, modulations, embeddings and the in/out projections stay in the training dtype (diffusers'
+  skip patterns for each model), and so do convolutions (see :func:`apply_weight_dtype`) and the
+  adapter's layers.
+- ``int8``: int8 weight-only quantization by torchao through diffusers' ``TorchAoConfig``, applied
+  tensor by tensor while loading. torchao was picked over bitsandbytes (CUDA-first, its CPU backend is
+  partial) and optimum-quanto (maintenance only) because it is PyTorch's own quantization library,
+  runs the same code on CPU (the tests) and CUDA (the users), and peft's LoRA/LoHa/LoKr/OFT all train
+  on top of its layers.
+
+The adapter always trains at full precision (fp32 masters) on top, and its file is the same as from a
+bf16 base: the file only holds the adapter.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..errors import TrainerError
+
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2", "int8")
+FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
+                torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+
+
+def quantization_config(weight_dtype: str):
+    """The diffusers quantization config that ``from_pretrained``/``from_single_file`` apply while
+    loading, or None. Raises :class:`TrainerError` naming the package to install when it is missing."""
+    if weight_dtype != "int8":
+        return None
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError:
+        raise TrainerError("--weight_dtype int8 needs torchao: pip install torchao "
+                           "(or pip install 'lora-trainer[quant]')") from None
+    from diffusers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype: torch.dtype) -> None:
+    """Store a loaded model's weights as ``weight_dtype`` says (fp8: layerwise casting). ``int8`` is
+    applied while loading (:func:`quantization_config`); a model handed over as an object cannot be."""
+    if getattr(model, "_trainer_weight_dtype", None) == weight_dtype:
+        return  # applied while loading (an fp8 single file is assigned into a model already set up)
+    if weight_dtype in FP8:
+        if not hasattr(model, "enable_layerwise_casting"):
+            raise TrainerError(f"--weight_dtype {weight_dtype}: {type(model).__name__} is not a diffusers model")
+        # before the adapter is attached: the hooks sit on the frozen layers only, so peft's layers
+        # (added afterwards, as children of the hooked base layers' wrappers) keep their fp32 masters
+        # convolutions stay in the compute dtype: autograd saves a convolution's weight parameter itself,
+        # which the hook casts back to fp8 after the forward, so backward (and checkpointing's recompute
+        # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
+        model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype,
+                                       skip_modules_classes=CONVOLUTIONS)
+        model._trainer_weight_dtype = weight_dtype
+    elif weight_dtype == "int8":
+        if getattr(model, "hf_quantizer", None) is None:
+            raise TrainerError("--weight_dtype int8 is applied while loading a model from a file or folder; "
+                               "pass --model as a path")
+        # torchao's tensors take F.linear at the __torch_function__ level, ahead of autocast, so autocast
+        # never casts their inputs: a layer fed fp32 would answer in fp32 and, added to a bf16 branch,
+        # turn a UNet's group norms (bf16 weights) into a dtype error. Cast the inputs as autocast would.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and not is_plain(module.weight):
+                module.register_forward_pre_hook(partial(_cast_inputs, dtype=compute_dtype))
+
+
+def _cast_inputs(module: torch.nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def is_plain(tensor: torch.Tensor) -> bool:
+    """Whether a tensor is an ordinary dense tensor (not a quantized tensor subclass)."""
+    return type(tensor) in (torch.Tensor, torch.nn.Parameter)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds in memory, counting the inner tensors of a quantized tensor subclass."""
+    if is_plain(tensor):
+        return tensor.numel() * tensor.element_size()
+    names, _ = tensor.__tensor_flatten__()  # torchao's tensors: qdata, scale, ...
+    return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+
+
+def frozen_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the frozen (non-trainable) parameters and buffers of ``model``."""
+    params = sum(tensor_bytes(p) for p in model.parameters() if not p.requires_grad)
+    return params + sum(tensor_bytes(b) for b in model.buffers())
