@@ -267,7 +267,21 @@ def main(argv=None) -> None:
     parser.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 dense peak, for MFU")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke run")
     parser.add_argument("--no_record", action="store_true", help="do not append to bench/RESULTS.md")
+    startup = parser.add_argument_group("start-up against dataset size (bench/startup.py)")
+    startup.add_argument("--startup", action="store_true", help="run only this section")
+    startup.add_argument("--startup_rows", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
+    startup.add_argument("--startup_kinds", nargs="*", default=["save_to_disk", "parquet", "bucketed",
+                                                                "bucketed+shape"])
+    startup.add_argument("--startup_steps", type=int, default=30, help="steps of the per-step runs (0: skip)")
+    startup.add_argument("--startup_dir", default=None, help="where the datasets are built (default: $TMPDIR)")
+    startup.add_argument("--before", default=None, help="another checkout to measure the same way")
+    startup.add_argument("--before_max_rows", type=int, default=100_000, help="largest size run with --before")
     args = parser.parse_args(argv)
+    if args.startup:
+        import startup as startup_bench
+
+        record(startup_bench.run(args), args, argv, "start-up")
+        return
     if args.quick:
         args.width, args.resolution, args.cross_dim, args.tokens = 32, 8, 32, 8
         args.steps, args.warmup, args.rows, args.memory_batch_size = 2, 1, 8, 2
@@ -318,11 +332,16 @@ def main(argv=None) -> None:
         sections.append(table(f"Memory and step time (batch {args.memory_batch_size}, 3-step runs)",
                               ["configuration", unit, "s/step"], rows))
 
+    record("\n".join(sections), args, argv, f"UNet width {args.width}, latents {args.resolution}x{args.resolution}, "
+           f"batch {args.batch_size}, rank {args.rank}, {args.dtype}")
+
+
+def record(body: str, args, argv, what: str) -> None:
+    """Print a section and append it to bench/RESULTS.md (unless --no_record)."""
     command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"### {datetime.date.today()}: {machine()}\n\n`{command.strip()}` (UNet width {args.width}, "
-              f"latents {args.resolution}x{args.resolution}, batch {args.batch_size}, rank {args.rank}, "
-              f"{args.dtype}, torch {torch.__version__})\n")
-    report = header + "\n" + "\n".join(sections)
+    header = (f"### {datetime.date.today()}: {machine()}\n\n`{command.strip()}` ({what}, "
+              f"torch {torch.__version__})\n")
+    report = header + "\n" + body
     print(report)
     if not args.no_record:
         with RESULTS.open("a") as f:

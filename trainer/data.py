@@ -535,18 +535,22 @@ class LatentBatches(torch.utils.data.Dataset):
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         batch = self.data.rows([row for _, row in keys])
-        shape = batch[LATENTS].shape[1:]
-        noise, u = [], []
-        for position, _ in keys:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, position))
-            noise.append(torch.randn(shape, generator=g))
-            u.append(torch.rand((), generator=g))
-        batch["noise"] = torch.stack(noise)
-        batch["u"] = torch.stack(u)
+        batch.update(sample_draws([position for position, _ in keys], batch[LATENTS].shape[1:], self.seed))
         return batch
 
     def __getitem__(self, key):
         return self.__getitems__([key])
+
+
+def sample_draws(positions, shape, seed: int) -> dict[str, torch.Tensor]:
+    """Per-sample Gaussian ``noise`` of ``shape`` and a uniform ``u`` in [0, 1), each from a generator
+    seeded by ``seed`` and the sample's stream position."""
+    noise, u = [], []
+    for position in positions:
+        g = torch.Generator().manual_seed(mix_seed(seed, position))
+        noise.append(torch.randn(shape, generator=g))
+        u.append(torch.rand((), generator=g))
+    return {"noise": torch.stack(noise), "u": torch.stack(u)}
 
 
 def _collated(batch):

@@ -31,6 +31,7 @@ from .models import load_model
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
+from .streaming import StreamData, StreamingBatches, open_stream, streaming_loader
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Run:
 
     cfg: TrainConfig
     loaded: Any  # models.LoadedModel
-    data: TrainingData
+    data: TrainingData | StreamData
     algorithm: Any  # adapters.Algorithm
     params: list[torch.nn.Parameter]
     rank: int
@@ -84,15 +85,14 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
     checkpoint.register_adapter_hooks(accelerator, progress)
     denoiser, optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
+    stream = streaming_batches(cfg, run.data, accelerator) if cfg.streaming else None  # before load_state
     resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d of %d", resume, progress.done, cfg.steps)
 
-    sampler = StepBatchSampler(run.data.buckets, cfg.batch_size, accelerator.num_processes,
-                               cfg.grad_accumulation_steps, cfg.seed, start_step=progress.done,
-                               end_step=max(cfg.steps, progress.done))
-    loader = accelerator.prepare(build_dataloader(run.data, sampler, cfg.seed, cfg.num_workers))
+    loader = build_loader(cfg, run.data, accelerator, progress, stream)
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation_steps
     history = LossHistory(cfg.steps, progress, accelerator.device)
     good = checkpoint.snapshot(run.params)  # the adapter to fall back to after a NaN/inf loss
     bar = tqdm(total=cfg.steps, initial=progress.done, desc="training", disable=not accelerator.is_main_process)
@@ -132,7 +132,7 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
             logger.warning("stop signal received: saving a checkpoint and the adapter at step %d", progress.total)
             checkpoint.save_checkpoint(accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
 
-    samples_per_second = (progress.done - first_step) * sampler.global_batch / max(train_seconds, 1e-9)
+    samples_per_second = (progress.done - first_step) * global_batch / max(train_seconds, 1e-9)
     result = finish(accelerator, run, denoiser, write_outputs, samples_per_second, time.perf_counter() - started)
     if failure is not None:
         raise failure
@@ -140,14 +140,38 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     return result
 
 
+def build_loader(cfg: TrainConfig, data, accelerator: Accelerator, progress: Progress,
+                 stream: StreamingBatches | None):
+    """This process's micro-batches for the steps still to run (from ``progress.done``)."""
+    end = max(cfg.steps, progress.done)
+    if stream is not None:
+        stream.start_step, stream.end_step = progress.done, end
+        return streaming_loader(stream, accelerator.device)
+    sampler = StepBatchSampler(data.buckets, cfg.batch_size, accelerator.num_processes, cfg.grad_accumulation_steps,
+                               cfg.seed, start_step=progress.done, end_step=end)
+    return accelerator.prepare(build_dataloader(data, sampler, cfg.seed, cfg.num_workers))
+
+
+def streaming_batches(cfg: TrainConfig, data, accelerator: Accelerator) -> StreamingBatches:
+    """--streaming: this process's part of the stream, its position saved in every checkpoint."""
+    if cfg.num_workers:
+        raise TrainerError("--num_workers: --streaming reads the stream in the training process; use 0")
+    stream = StreamingBatches(data, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
+                              cfg.grad_accumulation_steps, cfg.seed, cfg.shuffle_buffer, 0, cfg.steps)
+    stream.register(accelerator)
+    return stream
+
+
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
     """Load the model and data, attach the adapter (fresh or from ``existing_lora``)."""
     # open the dataset first: a wrong path fails in a second, not after loading a large model
-    dataset = open_dataset(cfg.latents if latents is None else latents, "--latents")
+    source = cfg.latents if latents is None else latents
+    dataset = open_stream(source) if cfg.streaming else open_dataset(source, "--latents")
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config)
     family, denoiser = loaded.family, loaded.denoiser
-    data = TrainingData(dataset, cfg.positive if positive is None else positive, family, denoiser)
+    data = (StreamData if cfg.streaming else TrainingData)(dataset, cfg.positive if positive is None else positive,
+                                                          family, denoiser)
     targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()
