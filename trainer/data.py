@@ -38,7 +38,7 @@ LATENTS = "latents"
 SHAPE_COLUMN = "latent_shape"
 #: datasets up to this many bytes of numbers are checked for NaN/inf at start-up; larger ones batch
 #: by batch as they are read (a whole-file scan would read every page of a large dataset)
-UPFRONT_CHECK_BYTES = 256 << 20
+UPFRONT_CHECK_BYTES = 64 << 20
 
 
 # ----------------------------------------------------------------------------- reading
