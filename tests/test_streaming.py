@@ -97,3 +97,30 @@ def test_streaming_errors():
                                                    else row["latents"]}, with_indices=True)
     with pytest.raises(TrainerError, match="holds NaN or inf"):
         batches(bad, steps=2)
+
+
+@pytest.mark.slow
+def test_two_process_streaming_resumes_exactly(tmp_path):
+    """Each process saves its own stream position; a 2-process resume equals the uninterrupted run."""
+    import subprocess
+
+    from safetensors.torch import load_file
+    from test_distributed import ENV, cpu_processes, launch_command
+
+    ds_path = tmp_path / "latents"
+    make_dataset(rows=12, seed=3).save_to_disk(str(ds_path))
+    params = dict(streaming="true", shuffle_buffer=4, batch_size=1)
+
+    def launch(out, **extra):
+        proc = subprocess.run(launch_command(cpu_processes(2), out, ds_path, **{**params, **extra}),
+                              capture_output=True, text=True, timeout=600, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch(tmp_path / "whole", steps=6)
+    launch(tmp_path / "split", steps=3, checkpointing_steps=3)
+    saved = tmp_path / "split" / "checkpoints" / "step-00000003"
+    assert (saved / "stream-state-0.json").is_file() and (saved / "stream-state-1.json").is_file()
+    launch(tmp_path / "split", steps=6, resume_from_checkpoint="latest")
+    whole, resumed = (load_file(str(tmp_path / d / "lora.safetensors")) for d in ("whole", "split"))
+    for key, value in whole.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
