@@ -2,9 +2,10 @@
 
 - :func:`open_dataset` reads what ``--latents`` / ``--positive`` point at (a ``save_to_disk``
   folder, Parquet/Arrow files, a folder or glob of them, a ``.safetensors`` conditioning file, or
-  an in-memory ``Dataset``).
-- :class:`TrainingData` checks the schema once up front (columns, shapes, channel count, NaN/inf,
-  conditioning count) and fetches batches of rows.
+  an in-memory ``Dataset``); ``--streaming`` reads through :mod:`trainer.streaming` instead.
+- :class:`TrainingData` checks the schema once up front (columns, shapes, channel count,
+  conditioning count; NaN/inf too for small datasets, else batch by batch) without a Python step
+  per row (:mod:`trainer.columns`), and fetches batches of rows through Arrow.
 - :class:`StepBatchSampler` fixes which rows make each optimizer step's global batch, from the
   seed alone, so 1 process x batch 4, 2 processes x batch 2 and 1 process x batch 2 x 2
   accumulation steps see the same samples. Each sample also carries its *stream position*, from
@@ -79,7 +80,7 @@ def open_dataset(source: Any, param: str):
         if len(suffixes) != 1 or suffixes.pop() not in (".parquet", ".arrow"):
             raise TrainerError(f"{param}: expected .parquet or .arrow files, got {', '.join(files[:3])}")
         if files[0].endswith(".parquet"):
-            return _parquet_dataset(files)
+            return _parquet_dataset(files, param)
         return _arrow_dataset(files)
     except TrainerError:
         raise
@@ -105,7 +106,7 @@ def parquet_cache_dir() -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "lora_trainer_parquet"
 
 
-def _parquet_dataset(files: list[str]):
+def _parquet_dataset(files: list[str], param: str):
     """Parquet files as a memory-mapped Arrow table.
 
     Parquet is compressed and encoded, so rows cannot be read in place at random: the files are
@@ -134,7 +135,7 @@ def _parquet_dataset(files: list[str]):
             schema = parquet[0].schema_arrow
             for f, pf in zip(files, parquet):
                 if not pf.schema_arrow.equals(schema):
-                    raise TrainerError(f"--latents: {f} has other columns or types than {files[0]}")
+                    raise TrainerError(f"{param}: {f} has other columns or types than {files[0]}")
             tmp = root / f"{key}.arrow.tmp-{os.getpid()}"
             rows = sum(pf.metadata.num_rows for pf in parquet)
             try:
