@@ -255,6 +255,7 @@ def main(argv=None) -> None:
     parser.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 dense peak, for MFU")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke run")
     parser.add_argument("--no_record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--overhead_only", action="store_true", help="run only the overhead section")
     startup = parser.add_argument_group("start-up against dataset size (bench/startup.py)")
     startup.add_argument("--startup", action="store_true", help="run only this section")
     startup.add_argument("--startup_rows", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
@@ -278,6 +279,12 @@ def main(argv=None) -> None:
     if args.overhead_shapes is None:
         args.overhead_shapes = [(w, b) for w in (args.width, 2 * args.width) for b in (args.batch_size, 4 * args.batch_size)]
     args.targets = TARGETS
+
+    if args.overhead_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            text, _ = overhead.section(args, Path(tmp), make_fixture, table)
+        record(text, args, argv, f"latents {args.resolution}x{args.resolution}, rank {args.rank}, {args.dtype}")
+        return
 
     sections = []
     with tempfile.TemporaryDirectory() as tmp:
