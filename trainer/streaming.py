@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .columns import batch_tensor, check_numeric, row_shapes, schema_shape
-from .data import LATENTS, SHAPE_COLUMN, mix_seed, open_conditioning, sample_draws
+from .data import LATENTS, mix_seed, open_conditioning, sample_draws
 from .errors import TrainerError
 
 logger = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ class StreamData:
                 raise TrainerError(f"--latents: the dataset has no '{name}' column, which this model needs; "
                                    "add it or pass --positive")
         self.names = [LATENTS] + [n for n in self.column_ndims if n in names and n not in self.tables]
-        shape_column = [SHAPE_COLUMN] if SHAPE_COLUMN in names else []
-        self.stream = stream.select_columns(self.names + shape_column).with_format("arrow")
+        self.stream = stream.select_columns(self.names).with_format("arrow")
         self.depth = {n: check_numeric(n, first.schema.field(n).type, "--latents") for n in self.names}
         self.fixed = {n: schema_shape(first.schema.field(n).type) for n in self.names}
         shapes = {n: tuple(int(d) for d in row_shapes(first[n].combine_chunks(), self.depth[n], 0,
@@ -132,8 +131,15 @@ class StreamData:
         for name, shape in self.conditioning_shapes.items():
             if len(shape) != self.column_ndims[name]:
                 raise TrainerError(f"'{name}' rows must have {self.column_ndims[name]} dimensions, got shape {shape}")
-        family.check_conditioning(model, {LATENTS: shapes[LATENTS], **self.conditioning_shapes})
         self.model = model
+        self._checked: set[tuple[int, ...]] = set()
+        self.check_latent_shape(shapes[LATENTS])
+
+    def check_latent_shape(self, shape: tuple[int, ...]) -> None:
+        """A latent shape (a bucket) must fit the model, e.g. Flux's 2x2 patches; checked once per shape."""
+        if shape not in self._checked:
+            self.family.check_conditioning(self.model, {LATENTS: shape, **self.conditioning_shapes})
+            self._checked.add(shape)
 
 
 class StreamingBatches:
@@ -192,7 +198,10 @@ class StreamingBatches:
             keys = np.zeros(block.num_rows, dtype=np.int64)
         else:
             dims = row_shapes(latents, self.data.depth[LATENTS], 0, where)
-            _, keys = np.unique(dims, axis=0, return_inverse=True)
+            shapes, keys = np.unique(dims, axis=0, return_inverse=True)
+            for shape in shapes:
+                shape = tuple(int(d) for d in shape)
+                self.data.check_latent_shape(shape[1:] if LATENTS in self.data.squeezed else shape)
         keys = keys.reshape(-1)[order]
         B, batches = self.batch_size, []
         for key in np.unique(keys):
