@@ -44,12 +44,17 @@ data = TrainingData(ds, None, loaded.family, loaded.denoiser)
 t4 = time.perf_counter()
 buckets = getattr(data, "buckets", None)
 sampler = StepBatchSampler(buckets, 2, 1, 1, 0, 0, 100000)
-next(iter(build_dataloader(data, sampler, 0, 0)))
+batches = iter(build_dataloader(data, sampler, 0, 0))
+next(batches)
 t5 = time.perf_counter()
+for _ in range(200):  # random access at this dataset size: what a training step waits for
+    next(batches)
+t6 = time.perf_counter()
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("Vm"))
 mib = lambda key: int(status[key].split()[0]) / 1024
 print(json.dumps({"imports": t1 - t0, "open": t2 - t1, "model": t3 - t2, "checks": t4 - t3,
-                  "sampler": t5 - t4, "rss": mib("VmRSS"), "hwm": mib("VmHWM")}))
+                  "sampler": t5 - t4, "batch_ms": (t6 - t5) / 200 * 1000, "rss": mib("VmRSS"),
+                  "hwm": mib("VmHWM")}))
 """
 
 
@@ -181,22 +186,24 @@ def run(args) -> str:
                         p = phases(path, checkout, tmp)
                     except RuntimeError as e:
                         rows_out.append([kind, f"{n:,}", label, f"failed: {str(e).splitlines()[-1][:80]}"]
-                                        + [""] * 8)
+                                        + [""] * 9)
                         continue
                     step = step_seconds(path, tmp / f"run-{kind}-{n}-{label}", checkout, args.startup_steps, tmp) \
                         if args.startup_steps else float("nan")
                     rows_out.append([kind, f"{n:,}", label, f"{p['total']:.1f}", f"{p['imports']:.1f}",
                                      f"{p['open']:.2f}", f"{p['model']:.2f}", f"{p['checks']:.2f}",
-                                     f"{p['sampler']:.2f}", f"{p['rss']:.0f}", f"{p['hwm']:.0f}",
+                                     f"{p['sampler']:.2f}", f"{p['batch_ms']:.2f}", f"{p['rss']:.0f}",
+                                     f"{p['hwm']:.0f}",
                                      f"{step * 1000:.0f}"])
                     print(" | ".join(rows_out[-1]), flush=True)
                 for leftover in tmp.glob(f"{kind}-{n}*"):
                     subprocess.run(["rm", "-rf", str(leftover)], check=True)
                 subprocess.run(["rm", "-rf", str(tmp / "hf_cache")], check=True)  # Parquet conversions
     header = ["dataset", "rows", "code", "start-up s (process)", "imports s", "open s", "model s", "checks s",
-              "sampler + 1st batch s", "RSS MiB", "peak RSS MiB", "ms/step (train.py)"]
+              "sampler + 1st batch s", "data ms/batch", "RSS MiB", "peak RSS MiB", "ms/step (train.py)"]
     note = ("Start-up = a fresh process until the first batch is in hand (interpreter, imports, dataset open, "
-            "model load, data checks, sampler and first batch). RSS after that point. ms/step from result.json "
+            "model load, data checks, sampler and first batch). data ms/batch: the next 200 batches of 2 random rows "
+            "alone (the data pipeline's share of a step). RSS after that point. ms/step from result.json "
             f"of a {args.startup_steps}-step train.py run (demo model, batch 2, fp32). Building the datasets "
             "(random fp16 values, pyarrow writer, then save_to_disk): " + "; ".join(builds) + ".\n")
     return table("Start-up against dataset size", header, rows_out) + "\n" + note
