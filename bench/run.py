@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import overhead  # noqa: E402  (bench/overhead.py, beside this file)
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -105,23 +106,6 @@ def bare_loop_step_time(unet_dir: Path, data_dir: Path, args) -> float:
         step()
     _sync(device)
     return (time.perf_counter() - start) / args.steps
-
-
-def trainer_step_time(unet_dir: Path, data_dir: Path, out: Path, args) -> float:
-    """Seconds per optimizer step of the real trainer (``train.py``, whole process): two runs of
-    different lengths, differenced, so start-up and model loading cancel out."""
-    def wall(steps: int) -> float:
-        cmd = [sys.executable, str(ROOT / "train.py"), "--model", str(unet_dir), "--latents", str(data_dir),
-               "--steps", str(steps), "--batch_size", str(args.batch_size), "--rank", str(args.rank),
-               "--alpha", str(args.rank), "--training_dtype", args.dtype, "--lora_dtype", args.dtype,
-               "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
-               "--output_dir", str(out / f"run{steps}"), "--log_every", "10"]
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        return time.perf_counter() - start
-
-    short, long = args.warmup, args.warmup + args.steps
-    return (wall(long) - wall(short)) / (long - short)
 
 
 # ----------------------------------------------------------------------------- data
@@ -258,6 +242,10 @@ def main(argv=None) -> None:
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved bare/trainer pairs per overhead shape")
+    parser.add_argument("--overhead_shapes", type=lambda s: tuple(map(int, s.split("x"))), nargs="*", default=None,
+                        metavar="WIDTHxBATCH", help="overhead shapes (default: width and batch, each also x2 "
+                        "and x4)")
     parser.add_argument("--memory_batch_size", type=int, default=8, help="batch of the memory runs")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--scaling_rows", type=int, nargs="*", default=[256, 4096])
@@ -267,26 +255,48 @@ def main(argv=None) -> None:
     parser.add_argument("--peak_tflops", type=float, default=None, help="GPU bf16 dense peak, for MFU")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few steps: a smoke run")
     parser.add_argument("--no_record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument("--overhead_only", action="store_true", help="run only the overhead section")
+    startup = parser.add_argument_group("start-up against dataset size (bench/startup.py)")
+    startup.add_argument("--startup", action="store_true", help="run only this section")
+    startup.add_argument("--startup_rows", type=int, nargs="*", default=[1000, 100_000, 1_000_000])
+    startup.add_argument("--startup_kinds", nargs="*", default=["save_to_disk", "parquet", "bucketed",
+                                                                "bucketed+shape"])
+    startup.add_argument("--startup_steps", type=int, default=30, help="steps of the per-step runs (0: skip)")
+    startup.add_argument("--startup_dir", default=None, help="where the datasets are built (default: $TMPDIR)")
+    startup.add_argument("--before", default=None, help="another checkout to measure the same way")
+    startup.add_argument("--before_max_rows", type=int, default=100_000, help="largest size run with --before")
     args = parser.parse_args(argv)
+    if args.startup:
+        import startup as startup_bench
+
+        record(startup_bench.run(args), args, argv, "start-up")
+        return
     if args.quick:
         args.width, args.resolution, args.cross_dim, args.tokens = 32, 8, 32, 8
         args.steps, args.warmup, args.rows, args.memory_batch_size = 2, 1, 8, 2
         args.scaling_rows, args.ranks, args.resolutions = [16, 64], [4], []
+        args.repeats, args.overhead_shapes = 1, [(args.width, args.batch_size)]
+    if args.overhead_shapes is None:
+        args.overhead_shapes = [(w, b) for w in (args.width, 2 * args.width) for b in (args.batch_size, 4 * args.batch_size)]
+    args.targets = TARGETS
+
+    if args.overhead_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            text, _ = overhead.section(args, Path(tmp), make_fixture, table)
+        record(text, args, argv, f"latents {args.resolution}x{args.resolution}, rank {args.rank}, {args.dtype}")
+        return
 
     sections = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         unet_dir, data_dir = make_fixture(tmp, args)
 
-        bare = bare_loop_step_time(unet_dir, data_dir, args)
-        ours = trainer_step_time(unet_dir, data_dir, tmp, args)
+        text, ours = overhead.section(args, tmp, make_fixture, table)
+        sections.append(text)
         consumed = args.batch_size / ours
         mfu = flop_utilisation(ours, unet_dir, args)
-        rows = [[f"{bare:.3f}", f"{ours:.3f}", f"{bare / ours:.3f}", f"{consumed:.1f}"]
-                + ([f"{mfu:.1%}"] if mfu is not None else [])]
-        sections.append(table("Overhead: trainer vs bare PyTorch loop (s/step)",
-                              ["bare loop", "train.py", "speed ratio", "samples/s"]
-                              + (["MFU"] if mfu is not None else []), rows))
+        if mfu is not None:
+            sections.append(f"Model FLOP utilisation (width {args.width}, batch {args.batch_size}): {mfu:.1%}\n")
 
         delivered = data_throughput(data_dir, args)
         scaling = data_scaling(args, tmp)
@@ -318,11 +328,16 @@ def main(argv=None) -> None:
         sections.append(table(f"Memory and step time (batch {args.memory_batch_size}, 3-step runs)",
                               ["configuration", unit, "s/step"], rows))
 
+    record("\n".join(sections), args, argv, f"UNet width {args.width}, latents {args.resolution}x{args.resolution}, "
+           f"batch {args.batch_size}, rank {args.rank}, {args.dtype}")
+
+
+def record(body: str, args, argv, what: str) -> None:
+    """Print a section and append it to bench/RESULTS.md (unless --no_record)."""
     command = "python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"### {datetime.date.today()}: {machine()}\n\n`{command.strip()}` (UNet width {args.width}, "
-              f"latents {args.resolution}x{args.resolution}, batch {args.batch_size}, rank {args.rank}, "
-              f"{args.dtype}, torch {torch.__version__})\n")
-    report = header + "\n" + "\n".join(sections)
+    header = (f"### {datetime.date.today()}: {machine()}\n\n`{command.strip()}` ({what}, "
+              f"torch {torch.__version__})\n")
+    report = header + "\n" + body
     print(report)
     if not args.no_record:
         with RESULTS.open("a") as f:

@@ -24,3 +24,11 @@ def test_memory_real_quick_runs_and_prints_both_sections():
                            "--weight_dtypes", "default", "fp8_e4m3fn"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "**Real width" in proc.stdout and "**Distance from the bf16 base" in proc.stdout
+
+
+def test_bench_startup_section_runs_on_a_small_dataset():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--startup", "--startup_rows", "300",
+                           "--startup_kinds", "bucketed", "--startup_steps", "0", "--no_record"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "**Start-up against dataset size" in proc.stdout and "| bucketed | 300 | after |" in proc.stdout

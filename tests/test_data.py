@@ -96,7 +96,7 @@ def test_mixed_shapes_are_grouped_by_shape_and_never_mixed_in_a_batch():
     """Several latent shapes are buckets: each global batch (so each micro-batch) holds one shape."""
     shapes = [(4, 16, 16), (4, 8, 16), (4, 16, 16), (4, 8, 16), (4, 16, 16), (4, 16, 8)]
     data = training_data(mixed_shapes(shapes))
-    assert data.buckets == [[1, 3], [5], [0, 2, 4]]  # ordered by shape: 8x16, 16x8, 16x16
+    assert [b.tolist() for b in data.buckets] == [[1, 3], [5], [0, 2, 4]]  # ordered by shape: 8x16, 16x8, 16x16
     sampler = StepBatchSampler(data.buckets, 1, 2, 1, seed=0, start_step=0, end_step=12)
     micro = list(sampler)
     for step in range(12):
@@ -185,3 +185,128 @@ def test_rows_with_a_leading_batch_dimension_of_one_are_read_as_rows():
 def test_a_missing_dataset_fails_before_the_model_is_loaded(tmp_path):
     with pytest.raises(TrainerError, match="--latents: no such file"):
         train_lora(str(tmp_path / "no_model_here"), str(tmp_path / "no_data_here"), **FAST)
+
+
+# ----------------------------------------------------------------------------- start-up cost (issue 16)
+
+
+class Reads:
+    """Counts what the start-up checks read: leaf values per column and nested-list shape scans."""
+
+    def __init__(self, monkeypatch):
+        import trainer.data as data_module
+
+        self.values, self.shape_scans = {}, 0
+        real_values, real_row_shapes = data_module.values, data_module.row_shapes
+
+        def values(array, depth):
+            flat = real_values(array, depth)
+            self.values[depth] = self.values.get(depth, 0) + flat.size
+            return flat
+
+        def row_shapes(*args):
+            self.shape_scans += 1
+            return real_row_shapes(*args)
+
+        monkeypatch.setattr(data_module, "values", values)
+        monkeypatch.setattr(data_module, "row_shapes", row_shapes)
+        monkeypatch.setattr(data_module, "UPFRONT_CHECK_BYTES", 0)  # as for a dataset too large to scan
+        from datasets.formatting.np_formatter import NumpyFormatter
+
+        def no_formatter(*_):
+            raise AssertionError("the per-row numpy formatter was used at start-up")
+
+        for name in ("format_row", "format_column", "format_batch"):
+            monkeypatch.setattr(NumpyFormatter, name, no_formatter)
+
+
+def bucketed(rows: int, with_shape_column: bool):
+    """Nested-list latents of two shapes, optionally with lora-prepare's latent_shape column (the
+    features lora-prepare writes)."""
+    from datasets import Array2D, Dataset, Features, List, Value
+
+    shapes = [(4, 8, 16) if i % 3 else (4, 16, 8) for i in range(rows)]
+    g = torch.Generator().manual_seed(rows)
+    columns = {"latents": [torch.randn(s, generator=g).half().numpy() for s in shapes],
+               "prompt_embeds": [np.zeros((8, 32), np.float16)] * rows}
+    features = {"latents": List(List(List(Value("float16")))), "prompt_embeds": Array2D((8, 32), "float16")}
+    if with_shape_column:
+        columns["latent_shape"] = [list(s) for s in shapes]
+        features["latent_shape"] = List(Value("int32"), length=3)
+    return Dataset.from_dict(columns, features=Features(features))
+
+
+@pytest.mark.parametrize("kind", ["fixed", "shape_column", "nested"])
+def test_startup_reads_do_not_grow_with_the_row_count(monkeypatch, kind):
+    """Fixed shapes come from the schema and buckets from the shape column: no latent value is read at
+    start-up, whatever the row count. Nested lists without it are scanned through their offsets, one
+    vectorised pass per piece of rows (never the numpy formatter, never a row at a time)."""
+    counts = []
+    for rows in (30, 3000):
+        reads = Reads(monkeypatch)
+        ds = make_dataset(rows=rows, size=8) if kind == "fixed" else bucketed(rows, kind == "shape_column")
+        data = training_data(ds)
+        assert reads.values.get(3, 0) == 0  # latents (3 list levels) never read
+        counts.append((reads.shape_scans, reads.values.get(2, 0)))
+        if kind != "fixed":
+            assert sorted(len(b) for b in data.buckets) == sorted([rows // 3, rows - rows // 3])
+    assert counts[0] == counts[1] == ((0, 0) if kind != "nested" else (1, 0))
+
+
+def test_large_dataset_checks_nan_as_batches_are_read(monkeypatch):
+    """Beyond UPFRONT_CHECK_BYTES, values are checked per batch, with the same message naming the row."""
+    import trainer.data as data_module
+
+    monkeypatch.setattr(data_module, "UPFRONT_CHECK_BYTES", 0)
+    ds = make_dataset(rows=6)
+
+    def poison(row, index):
+        if index == 4:
+            row["prompt_embeds"][2][3] = float("inf")
+        return row
+
+    data = training_data(ds.map(poison, with_indices=True))
+    assert not data.checked_upfront
+    data.rows([0, 5])
+    with pytest.raises(TrainerError, match="'prompt_embeds', row 4 holds NaN or inf"):
+        data.rows([1, 4])
+
+
+def test_shape_column_gives_the_same_buckets_and_a_wrong_one_is_caught():
+    with_column, without = training_data(bucketed(12, True)), training_data(bucketed(12, False))
+    assert [b.tolist() for b in with_column.buckets] == [b.tolist() for b in without.buckets]
+    torch.testing.assert_close(with_column.rows([1, 2]), without.rows([1, 2]))
+    lying = bucketed(12, True).map(lambda row: {"latent_shape": [4, 8, 16]})  # row 0 is 4x16x8
+    data = training_data(lying)
+    with pytest.raises(TrainerError, match="row 1 has shape .* but row 0 has"):
+        data.rows([0, 1])
+
+
+def test_ragged_nested_rows_are_named():
+    from datasets import Dataset
+
+    good = np.zeros((4, 8, 8), np.float32).tolist()
+    bad = [row[:] for row in good]
+    bad[2] = bad[2][:7]  # channel 2 has 7 lines
+    ds = Dataset.from_dict({"latents": [good, good, bad], "prompt_embeds": [np.zeros((8, 32))] * 3})
+    with pytest.raises(TrainerError, match="'latents', row 2 is not a rectangular array"):
+        training_data(ds)
+
+
+def test_parquet_is_converted_once_and_reused_until_it_changes(tmp_path, monkeypatch):
+    import os
+
+    import trainer.data as data_module
+
+    monkeypatch.setattr(data_module, "parquet_cache_dir", lambda: tmp_path / "cache")
+    ds = make_dataset(rows=5)
+    ds.to_parquet(str(tmp_path / "part.parquet"))
+    first = training_data(str(tmp_path / "part.parquet"))
+    converted = list((tmp_path / "cache").glob("*.arrow"))
+    assert len(converted) == 1
+    stamp = converted[0].stat().st_mtime_ns
+    torch.testing.assert_close(training_data(str(tmp_path / "part.parquet")).rows([4]), first.rows([4]))
+    assert converted[0].stat().st_mtime_ns == stamp  # reused, not converted again
+    os.utime(tmp_path / "part.parquet", ns=(stamp + 10**9, stamp + 10**9))  # the file changed
+    training_data(str(tmp_path / "part.parquet"))
+    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 2

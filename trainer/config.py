@@ -122,6 +122,13 @@ class TrainConfig:
                                "int8 weight-only (needs torchao)",
                                choices=("default", "fp8_e4m3fn", "fp8_e5m2", "int8"))
 
+    # --- streaming (issue 16) ---
+    streaming: bool = _param(False, "read --latents as a stream (datasets IterableDataset: local files, a URL or a "
+                             "Hub dataset), split between processes, for data that does not fit one disk; "
+                             "resume is exact for the same number of processes")
+    shuffle_buffer: int = _param(1000, "--streaming: examples read ahead and shuffled together (more: better "
+                                 "mixing, more memory)", range=(1, 1000000))
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))

@@ -36,6 +36,7 @@ from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
 from .rundir import (OutputWriteError, RunFolder, check_room, check_writable, describe_os_error,
                      estimate_output_bytes, remove_if_unused, run_lock)
+from .streaming import StreamData, StreamingBatches, open_stream, streaming_loader
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class Run:
 
     cfg: TrainConfig
     loaded: Any  # models.LoadedModel
-    data: TrainingData
+    data: TrainingData | StreamData
     algorithm: Any  # adapters.Algorithm
     params: list[torch.nn.Parameter]
     rank: int
@@ -114,6 +115,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
     optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
     checkpoint.register_adapter_hooks(accelerator, progress)
     denoiser, optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
+    stream = streaming_batches(cfg, run.data, accelerator) if cfg.streaming else None  # before load_state
     resume = checkpoint.resume(accelerator, cfg.resume_from_checkpoint, cfg.output_dir, progress, run.params,
                                optimizer)
     if resume is not None:
@@ -122,10 +124,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
     run.folder = RunFolder(cfg.output_dir, cfg.output_name, resuming=resume is not None and _inside(
         resume, checkpoint.checkpoints_dir(cfg.output_dir)))
 
-    sampler = StepBatchSampler(run.data.buckets, cfg.batch_size, accelerator.num_processes,
-                               cfg.grad_accumulation_steps, cfg.seed, start_step=progress.done,
-                               end_step=max(cfg.steps, progress.done))
-    loader = accelerator.prepare(build_dataloader(run.data, sampler, cfg.seed, cfg.num_workers))
+    loader = build_loader(cfg, run.data, accelerator, progress, stream)
+    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation_steps
     history = LossHistory(cfg.steps, progress, accelerator.device)
     good = checkpoint.snapshot(run.params)  # the adapter to fall back to after a NaN/inf loss
     bar = tqdm(total=cfg.steps, initial=progress.done, desc="training", disable=not accelerator.is_main_process)
@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
             except OutputWriteError as e:
                 failure = _keep_training_result(accelerator, e)
 
-    samples_per_second = (progress.done - first_step) * sampler.global_batch / max(train_seconds, 1e-9)
+    samples_per_second = (progress.done - first_step) * global_batch / max(train_seconds, 1e-9)
     # a run that trained nothing (a NaN/inf at its first step) writes nothing: the folder stays as it was
     write = write_outputs and progress.done > 0
     try:
@@ -231,17 +231,41 @@ def _output_bytes(cfg: TrainConfig, run: Run, preemptible: bool) -> tuple[int, s
         checkpoints_total_limit=cfg.checkpoints_total_limit, preemptible=preemptible, merged_model_bytes=merged)
 
 
+def build_loader(cfg: TrainConfig, data, accelerator: Accelerator, progress: Progress,
+                 stream: StreamingBatches | None):
+    """This process's micro-batches for the steps still to run (from ``progress.done``)."""
+    end = max(cfg.steps, progress.done)
+    if stream is not None:
+        stream.start_step, stream.end_step = progress.done, end
+        return streaming_loader(stream, accelerator.device)
+    sampler = StepBatchSampler(data.buckets, cfg.batch_size, accelerator.num_processes, cfg.grad_accumulation_steps,
+                               cfg.seed, start_step=progress.done, end_step=end)
+    return accelerator.prepare(build_dataloader(data, sampler, cfg.seed, cfg.num_workers))
+
+
+def streaming_batches(cfg: TrainConfig, data, accelerator: Accelerator) -> StreamingBatches:
+    """--streaming: this process's part of the stream, its position saved in every checkpoint."""
+    if cfg.num_workers:
+        raise TrainerError("--num_workers: --streaming reads the stream in the training process; use 0")
+    stream = StreamingBatches(data, cfg.batch_size, accelerator.process_index, accelerator.num_processes,
+                              cfg.grad_accumulation_steps, cfg.seed, cfg.shuffle_buffer, 0, cfg.steps)
+    stream.register(accelerator)
+    return stream
+
+
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
     """Load the model and data, attach the adapter (fresh or from ``existing_lora``)."""
     if cfg.save_merged_model and cfg.weight_dtype != "default":
         raise TrainerError(f"--save_merged_model merges into the base weights, which --weight_dtype "
                            f"{cfg.weight_dtype} stores at reduced precision; use --weight_dtype default")
     # open the dataset first: a wrong path fails in a second, not after loading a large model
-    dataset = open_dataset(cfg.latents if latents is None else latents, "--latents")
+    source = cfg.latents if latents is None else latents
+    dataset = open_stream(source) if cfg.streaming else open_dataset(source, "--latents")
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config, dtype=_DTYPES[cfg.training_dtype], weight_dtype=cfg.weight_dtype)
     family, denoiser = loaded.family, loaded.denoiser
-    data = TrainingData(dataset, cfg.positive if positive is None else positive, family, denoiser)
+    data = (StreamData if cfg.streaming else TrainingData)(dataset, cfg.positive if positive is None else positive,
+                                                          family, denoiser)
     targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()

@@ -29,13 +29,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .cli import configure_logging
 from .config import OneLineParser
 from .errors import ConfigError, TrainerError
+
+if TYPE_CHECKING:  # torch takes seconds to import: only the encoding functions import it
+    import torch
 
 logger = logging.getLogger("trainer.prepare")  # also when run as __main__
 
@@ -46,7 +47,8 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # (the scheduler is tiny, and some pipelines read it in __init__)
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                       "tokenizer_3", "scheduler")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: --dtype -> torch dtype name (torch itself is imported only when encoding: `--help` stays instant)
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _REPEATS = re.compile(r"^(\d+)_(.*)$")
 _EXIF_ORIENTATION = 0x0112
 
@@ -489,6 +491,7 @@ def _stamp(path: Path, subfolders) -> str:
 
 def load_encoders(model: ModelInfo, dtype: torch.dtype, device: torch.device):
     """The pipeline with only its VAE, text encoders, tokenizers and scheduler loaded."""
+    import torch
     from diffusers import DiffusionPipeline
 
     from .models.base import read_json
@@ -532,6 +535,7 @@ class Cache:
 
 
 def _pixels(src: Source) -> torch.Tensor:
+    import torch
     """The image, upright, resized and cropped to its bucket, as [3, H, W] in [-1, 1]."""
     import numpy as np
     from datasets import Image as ImageFeature
@@ -549,10 +553,12 @@ def _pixels(src: Source) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-@torch.no_grad()
 def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
                   cfg: PrepareConfig) -> list[Skipped]:
-    """Encode one batch (one bucket) with the VAE into the cache; returns images that failed to decode."""
+    """Encode one batch (one bucket) with the VAE into the cache; returns images that failed to decode.
+    Call under ``torch.no_grad()``."""
+    import torch
+
     from .data import mix_seed
 
     pixels, done, failed = [], [], []
@@ -579,9 +585,9 @@ def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
     return failed
 
 
-@torch.no_grad()
 def encode_captions(pipe, captions: list[str], keys: list[str], cache: Cache, model: ModelInfo,
                     device: torch.device) -> None:
+    """Encode one batch of captions into the cache. Call under ``torch.no_grad()``."""
     columns = model.encoding.encode_text(pipe, captions, device)
     for i, key in enumerate(keys):
         cache.write(cache.text(key), {name: value[i] for name, value in columns.items()})
@@ -617,6 +623,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     """Encode ``cfg.images`` into a latents dataset at ``cfg.output``. On several processes
     (``accelerate launch``) each encodes its share; the main process writes the dataset and gets the
     result, the others get None. Raises :class:`TrainerError` when nothing can be prepared."""
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -643,17 +650,18 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     failed: list[Skipped] = []
     seconds = 0.0  # spent encoding images
     if image_batches or text_batches:
-        pipe = load_encoders(model, _DTYPES[cfg.dtype], state.device)
+        pipe = load_encoders(model, getattr(torch, _DTYPES[cfg.dtype]), state.device)
         bar = tqdm(total=sum(map(len, image_batches)) + sum(map(len, text_batches)), desc="encoding",
                    unit="item", disable=not state.is_main_process)
         started = time.perf_counter()
-        for batch in image_batches:
-            failed += encode_images(pipe, batch, cache, model, cfg)
-            bar.update(len(batch))
-        seconds = time.perf_counter() - started
-        for batch in text_batches:
-            encode_captions(pipe, batch, [text_keys[c] for c in batch], cache, model, state.device)
-            bar.update(len(batch))
+        with torch.no_grad():
+            for batch in image_batches:
+                failed += encode_images(pipe, batch, cache, model, cfg)
+                bar.update(len(batch))
+            seconds = time.perf_counter() - started
+            for batch in text_batches:
+                encode_captions(pipe, batch, [text_keys[c] for c in batch], cache, model, state.device)
+                bar.update(len(batch))
         bar.close()
     if state.num_processes > 1:
         failed = gather_object(failed)
@@ -693,6 +701,9 @@ def write_dataset(cfg: PrepareConfig, model: ModelInfo, work: Plan, cache: Cache
         "latents": datasets.Array3D(next(iter(shapes)), store) if len(shapes) == 1
         else datasets.List(datasets.List(datasets.List(datasets.Value(store)))),
         **{name: _feature(value, store) for name, value in text.items()},
+        # each row's [C, H, W]: the trainer finds the buckets from this small column instead of
+        # reading the latents' nested lists (trainer.data.SHAPE_COLUMN)
+        "latent_shape": datasets.List(datasets.Value("int32"), length=3),
         "caption": datasets.Value("string"),
         "file_name": datasets.Value("string"),
         # SDXL's time ids (trainer.models.sdxl): source (height, width), crop (top, left), bucket size
@@ -747,8 +758,8 @@ def _rows(rows, cache_root, text_keys, scale, vae_factor, store):
             pixels = [size[2] * vae_factor, size[3] * vae_factor]
             sizes = dict(original_size=pixels, crop_coords=[0, 0], target_size=pixels)
         for tensor in latents:
-            row = {"latents": tensor.numpy().astype(dtype), **conditioning, "caption": caption,
-                   "file_name": name, **sizes}
+            row = {"latents": tensor.numpy().astype(dtype), "latent_shape": list(tensor.shape), **conditioning,
+                   "caption": caption, "file_name": name, **sizes}
             for _ in range(repeats):
                 yield row
 
