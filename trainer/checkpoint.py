@@ -45,6 +45,9 @@ class Progress:
     base: int = 0
     #: per-step losses of the steps done so far
     losses: list[float] = field(default_factory=list)
+    #: held-out losses so far and the (total) steps they were taken at
+    eval_losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -71,6 +74,7 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
     def load_hook(models, input_dir):
         saved = json.loads(Path(input_dir, PROGRESS_FILE).read_text())
         progress.done, progress.base, progress.losses = saved["done"], saved["base"], saved["losses"]
+        progress.eval_losses, progress.eval_steps = saved.get("eval_losses", []), saved.get("eval_steps", [])
         if shards_the_model(accelerator):
             return  # FSDP/DeepSpeed restore the model from their own checkpoint
         from safetensors.torch import load_file

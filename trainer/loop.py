@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from .adapters import adapter_layers, attach_adapter, export_adapter, get_algori
 from .checkpoint import Progress
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
+from .evaluation import HeldOutLoss, check_config, hold_out, open_eval_set
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
 from .losses import get_loss
@@ -31,6 +32,8 @@ from .models import load_model
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
+from .sampling import build_sampler, most_common_size, read_prompts
+from .watch import Watch
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,10 @@ class Run:
     progress: Progress
     #: full offsets of a continued file (module path -> {"diff", "diff_b"}), carried into the output
     offsets: dict[str, dict[str, torch.Tensor]]
+    #: sample images while training (sampling.PromptSampler), or None
+    sampler: Any = None
+    #: the held-out rows (evaluation.HeldOutLoss), or None
+    held_out: HeldOutLoss | None = None
 
 
 def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: Any = None,
@@ -94,14 +101,19 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
                                end_step=max(cfg.steps, progress.done))
     loader = accelerator.prepare(build_dataloader(run.data, sampler, cfg.seed, cfg.num_workers))
     history = LossHistory(cfg.steps, progress, accelerator.device)
+    eval_objective = family.make_objective(run.loaded, replace(ObjectiveOptions.from_config(cfg),
+                                                               timestep_sampling="uniform"))
+    watch = Watch(accelerator, progress, cfg.steps, run.sampler, cfg.sample_every, run.held_out, cfg.eval_every,
+                  denoiser, lambda batch: train_step(denoiser, family, eval_objective, loss_fn, batch))
     good = checkpoint.snapshot(run.params)  # the adapter to fall back to after a NaN/inf loss
     bar = tqdm(total=cfg.steps, initial=progress.done, desc="training", disable=not accelerator.is_main_process)
     micro_loss = torch.zeros((), device=accelerator.device)
     stopped, failure, train_started, first_step = None, None, time.perf_counter(), progress.done
     if cfg.report_to != "none":
-        accelerator.init_trackers("lora-trainer", config=cfg.to_dict())
+        accelerator.init_trackers("lora-trainer", config=_tracker_config(cfg))
     with stop_signals() as stop:
         try:
+            watch.start()
             for batch in loader:
                 with accelerator.accumulate(denoiser):
                     loss = train_step(denoiser, family, objective, loss_fn, batch)
@@ -117,6 +129,7 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
                 at_log_step = progress.done % cfg.log_every == 0 or progress.done == cfg.steps
                 if at_log_step:
                     good = log_step(accelerator, run, history, bar, good)
+                watch.step()
                 if cfg.checkpointing_steps and progress.done % cfg.checkpointing_steps == 0:
                     history.pull(accelerator)
                     checkpoint.save_checkpoint(accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
@@ -124,16 +137,19 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
                     stopped = "preempted"
                     break
             history.pull(accelerator)
+            if not stopped:
+                watch.end()
         except NonFiniteLoss as e:
             failure = e  # the adapter is back at the last good step: write it, then report
         bar.close()
-        train_seconds = time.perf_counter() - train_started
+        train_seconds = time.perf_counter() - train_started - watch.seconds
         if stopped:
             logger.warning("stop signal received: saving a checkpoint and the adapter at step %d", progress.total)
             checkpoint.save_checkpoint(accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
 
     samples_per_second = (progress.done - first_step) * sampler.global_batch / max(train_seconds, 1e-9)
-    result = finish(accelerator, run, denoiser, write_outputs, samples_per_second, time.perf_counter() - started)
+    result = finish(accelerator, run, denoiser, write_outputs, samples_per_second, time.perf_counter() - started,
+                    watch)
     if failure is not None:
         raise failure
     result.stopped = stopped
@@ -142,12 +158,23 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
 
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
     """Load the model and data, attach the adapter (fresh or from ``existing_lora``)."""
-    # open the dataset first: a wrong path fails in a second, not after loading a large model
+    # open the datasets and read the prompts first: a wrong path fails in a second, not after loading a
+    # large model
+    check_config(cfg)
     dataset = open_dataset(cfg.latents if latents is None else latents, "--latents")
+    eval_dataset = open_dataset(cfg.eval_latents, "--eval_latents") if cfg.eval_latents is not None else None
+    prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts is not None else None
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config)
     family, denoiser = loaded.family, loaded.denoiser
-    data = TrainingData(dataset, cfg.positive if positive is None else positive, family, denoiser)
+    positive = cfg.positive if positive is None else positive
+    data = TrainingData(dataset, positive, family, denoiser)
+    held_out = None
+    if eval_dataset is not None:
+        eval_data = open_eval_set(eval_dataset, positive, family, denoiser)
+        held_out = HeldOutLoss(eval_data, list(range(eval_data.num_rows)))
+    elif cfg.eval_fraction:
+        held_out = HeldOutLoss(data, hold_out(data, cfg.eval_fraction, cfg.seed))
     targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()
@@ -174,7 +201,12 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     offsets = existing.deltas if existing is not None else {}
-    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
+    sampler = None
+    if prompts is not None:
+        sampler = build_sampler(cfg, loaded, model, prompts, most_common_size(data, loaded.vae_scale_factor),
+                                accelerator)
+    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets, sampler,
+               held_out)
 
 
 def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
@@ -281,7 +313,7 @@ def should_stop(accelerator: Accelerator, stop: threading.Event, at_log_step: bo
 
 
 def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_second: float,
-           wall_seconds: float) -> TrainResult:
+           wall_seconds: float, watch: Watch) -> TrainResult:
     cfg, progress = run.cfg, run.progress
     model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
     model.eval()
@@ -292,15 +324,18 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
         for key, tensor in family.file_tensors(name, offsets).items():
             lora[key] = tensor.to(dtype).contiguous()
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
+    if run.held_out is not None:
+        loss_map.update(eval_loss=list(progress.eval_losses), eval_step=list(progress.eval_steps))
     result = TrainResult(model, lora, loss_map, progress.total)
     if write_outputs and accelerator.is_main_process:
-        result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds)
+        result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds,
+                                             watch)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
 
-def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds) -> Path:
+def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds, watch: Watch) -> Path:
     cfg, family, algorithm, steps = run.cfg, run.loaded.family, run.algorithm, run.progress.total
     out = Path(cfg.output_dir)
     lora_path = out / f"{cfg.output_name}.safetensors"
@@ -322,7 +357,8 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
     save_adapter_file(lora_path, lora, metadata)
     write_json(out / "loss.json", loss_map)
     plot_loss(out / "loss.png", loss_map["step"], loss_map["loss"],
-              f"{cfg.output_name}: {algorithm.name} rank {run.rank}, {family.name}")
+              f"{cfg.output_name}: {algorithm.name} rank {run.rank}, {family.name}",
+              loss_map.get("eval_step"), loss_map.get("eval_loss"))
     if cfg.save_merged_model:
         save_merged_model(model, run.loaded.source, run.loaded.kind, run.loaded.extra.get("subfolder"), out)
     write_json(out / "result.json", {
@@ -331,8 +367,16 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
         "final_loss": loss_map["loss"][-1] if loss_map["loss"] else None,
         "samples_per_second": samples_per_second,
         "wall_seconds": wall_seconds,
+        # time spent sampling images and computing the held-out loss (part of wall_seconds)
+        "watch_seconds": watch.seconds,
     })
     return lora_path
+
+
+def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config for the trackers: lists (prompts given in the YAML file) as one string each, since
+    TensorBoard's hyperparameters take only scalars and strings."""
+    return {k: "\n".join(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
