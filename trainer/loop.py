@@ -32,7 +32,7 @@ from .models import load_model
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
-from .sampling import build_sampler, most_common_size, read_prompts
+from .sampling import build_sampler, most_common_size, parse_size, read_prompts
 from .watch import Watch
 
 logger = logging.getLogger(__name__)
@@ -164,6 +164,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     dataset = open_dataset(cfg.latents if latents is None else latents, "--latents")
     eval_dataset = open_dataset(cfg.eval_latents, "--eval_latents") if cfg.eval_latents is not None else None
     prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts is not None else None
+    sample_size = parse_size(cfg.sample_size)
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config)
     family, denoiser = loaded.family, loaded.denoiser
@@ -203,8 +204,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     offsets = existing.deltas if existing is not None else {}
     sampler = None
     if prompts is not None:
-        sampler = build_sampler(cfg, loaded, model, prompts, most_common_size(data, loaded.vae_scale_factor),
-                                accelerator)
+        sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
+        sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
     return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets, sampler,
                held_out)
 

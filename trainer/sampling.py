@@ -261,7 +261,7 @@ def pipeline_source(loaded, model_arg: Any) -> Path | Any | None:
     return None
 
 
-def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], default_size: tuple[int, int],
+def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size: tuple[int, int],
                   accelerator) -> PromptSampler:
     """Encode the prompts, load the VAE and scheduler around the (adapted) denoiser.
 
@@ -279,7 +279,6 @@ def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], defa
     if accelerator.distributed_type == DistributedType.FSDP:
         raise TrainerError("--sample_prompts: sampling is not supported under FSDP (the main process samples "
                            "alone and FSDP shards the denoiser); sample from the saved LoRA instead")
-    size = parse_size(cfg.sample_size) or default_size
     out_dir = Path(cfg.output_dir)
     if not accelerator.is_main_process:
         return PromptSampler(None, prompts, [], size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
