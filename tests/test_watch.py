@@ -156,6 +156,25 @@ def test_sampling_needs_a_pipeline_with_vae_and_text_encoders(tmp_path, pipeline
     assert (tmp_path / "out" / "samples" / "step-00000001" / "grid.png").is_file()
 
 
+@pytest.mark.parametrize("family,dims", [("sdxl", (64, 32)), ("sd3", (64, 64)), ("flux", (32, 32))])
+def test_every_family_samples_with_its_own_pipeline(tmp_path, family, dims):
+    """SDXL (two CLIPs, pooled, time ids), SD3 (CLIPs + T5) and Flux (CLIP + T5, packed latents), in bf16
+    with gradient checkpointing on, as a user's run would be."""
+    from datasets import Dataset
+
+    pipe = write_tiny_pipeline(tmp_path / family, family)
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"latents": torch.randn(4, 4, 16, 16, generator=g).tolist(),
+                              "prompt_embeds": torch.randn(4, 8, dims[0], generator=g).tolist(),
+                              "pooled_prompt_embeds": torch.randn(4, dims[1], generator=g).tolist()})
+    res = train_lora(str(pipe), data, output_dir=str(tmp_path / "out"), steps=2, log_every=1, eval_fraction=0.25,
+                     sample_prompts=["a cat", "a dog --n ugly --g 3"], sample_steps=3)
+    for step in ("step-00000000", "step-00000002"):
+        images = [pixels(tmp_path / "out" / "samples" / step / f"{k}.png") for k in (0, 1)]
+        assert all(image.shape == (32, 32, 3) and image.std() > 1 for image in images)
+    assert res.loss["eval_step"] == [0, 2] and all(np.isfinite(res.loss["eval_loss"]))
+
+
 def test_sample_size_and_pipeline_object(tmp_path, pipeline):
     """--sample_size and per-line --w/--h; a pipeline object given to the library call samples too."""
     from diffusers import StableDiffusionPipeline
@@ -203,6 +222,17 @@ def test_held_out_rows_are_left_out_of_training_and_fixed():
     assert batch["latents"].shape[0] == EVAL_LEVELS and torch.equal(batch["u"].sort().values, batch["u"])
     assert torch.equal(batch["noise"], HeldOutLoss(data, held).batch(held[0])["noise"])  # fixed per row
     assert batch["u"][1] - batch["u"][0] == pytest.approx(1 / EVAL_LEVELS)  # evenly spaced over the schedule
+
+
+def test_held_out_loss_survives_a_resume(tmp_path):
+    """Stopped at step 2 (checkpoint) and resumed to 4: the same held-out losses as a run straight to 4."""
+    params = dict(FAST, eval_fraction=0.25, eval_every=1, learning_rate=0.01)
+    straight = train_lora("demo", "demo", output_dir=str(tmp_path / "straight"), **{**params, "steps": 4})
+    out = str(tmp_path / "resumed")
+    train_lora("demo", "demo", output_dir=out, checkpointing_steps=2, **{**params, "steps": 2})
+    resumed = train_lora("demo", "demo", output_dir=out, resume_from_checkpoint="latest", **{**params, "steps": 4})
+    assert resumed.loss["eval_step"] == straight.loss["eval_step"] == [0, 1, 2, 3, 4]
+    assert resumed.loss["eval_loss"] == straight.loss["eval_loss"]
 
 
 def test_bad_held_out_sets(tmp_path):

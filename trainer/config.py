@@ -107,10 +107,11 @@ class TrainConfig:
                                                 "exactly (--steps counts the whole run)")
 
     # --- watching a run: sample images and a held-out loss (issue 17) ---
-    sample_prompts: str | list | None = _param(None, "sample images while training from these prompts: a text file, one "
-                                               "prompt per line with optional --n NEGATIVE --w WIDTH --h HEIGHT --s "
-                                               "STEPS --g GUIDANCE --d SEED, or a list of such lines in the YAML "
-                                               "file; needs a pipeline folder (VAE, text encoders)")
+    # (the default is None, not a shared list: RUF009 only sees "list" in the type)
+    sample_prompts: str | list | None = _param(  # noqa: RUF009
+        None, "sample images while training from these prompts: a text file, one prompt per line with optional "
+        "--n NEGATIVE --w WIDTH --h HEIGHT --s STEPS --g GUIDANCE --d SEED, or a list of such lines in the YAML "
+        "file; needs a pipeline folder (VAE, text encoders)")
     sample_every: int | None = _param(None, "also sample every N optimizer steps (samples are always made before "
                                       "the first and after the last step)", range=(1, 100000))
     sample_steps: int = _param(20, "denoising steps per sample image", range=(1, 1000))

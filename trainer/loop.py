@@ -24,9 +24,9 @@ from .adapters import adapter_layers, attach_adapter, export_adapter, get_algori
 from .checkpoint import Progress
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
-from .evaluation import HeldOutLoss, check_config, hold_out, open_eval_set
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
+from .evaluation import HeldOutLoss, check_config, hold_out, open_eval_set
 from .losses import get_loss
 from .models import load_model
 from .objectives import ObjectiveOptions, weighted_loss
