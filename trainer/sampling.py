@@ -231,7 +231,8 @@ def make_grid(images: list, captions: list[str], title: str):
     cell_h = max(im.height for im in scaled)
     chars = max(8, cell_w // 8)
     wrapped = ["\n".join(textwrap.wrap(c, chars, max_lines=3, placeholder=" ...")) for c in captions]
-    caption_h, title_h, pad = 3 * 18 + 8, 28, 6
+    lines = max(text.count("\n") + 1 for text in wrapped)
+    caption_h, title_h, pad = lines * 18 + 8, 28, 6
     columns = min(_GRID_COLUMNS, len(images))
     rows = -(-len(images) // columns)
     grid = Image.new("RGB", (columns * (cell_w + pad) + pad, title_h + rows * (cell_h + caption_h + pad)), "white")
