@@ -25,23 +25,13 @@ import numpy as np
 import torch
 
 from .data import TrainingData, mix_seed
-from .errors import ConfigError, TrainerError
+from .errors import TrainerError
 
 logger = logging.getLogger(__name__)
 
 #: noise levels per held-out row: (k + h) / EVAL_LEVELS for k < EVAL_LEVELS, h a fixed per-row offset in [0, 1)
 EVAL_LEVELS = 4
 _EVAL_STREAM = 0xE7A1  # keeps the held-out draws apart from the training stream's
-
-
-def check_config(cfg) -> None:
-    """Combinations of the watching parameters that cannot work; raises :class:`ConfigError`."""
-    if cfg.eval_latents is not None and cfg.eval_fraction:
-        raise ConfigError("--eval_latents and --eval_fraction both give a held-out set; choose one")
-    if cfg.eval_every is not None and cfg.eval_latents is None and not cfg.eval_fraction:
-        raise ConfigError("--eval_every needs a held-out set: --eval_latents PATH or --eval_fraction F")
-    if cfg.sample_every is not None and cfg.sample_prompts is None:
-        raise ConfigError("--sample_every needs --sample_prompts")
 
 
 def hold_out(data: TrainingData, fraction: float, seed: int) -> list[int]:

@@ -26,14 +26,14 @@ from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
-from .evaluation import HeldOutLoss, check_config, hold_out, open_eval_set
+from .evaluation import HeldOutLoss, hold_out, open_eval_set
 from .losses import get_loss
 from .models import load_model
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_json
 from .sampling import build_sampler, most_common_size, parse_size, read_prompts
-from .watch import Watch
+from .watch import Watch, check_config
 
 logger = logging.getLogger(__name__)
 

@@ -140,7 +140,7 @@ class PromptSampler:
         self.seconds = 0.0
         self.images_made = 0
 
-    def sample(self, accelerator, step: int, write: bool = True) -> list:
+    def sample(self, accelerator, step: int) -> list:
         """Generate every prompt's image at optimizer step ``step`` (total count); on the main process
         write them (``samples/step-NNNNNNNN/<k>.png`` and ``grid.png``) and send the grid to the
         trackers. Every process must call this (the others wait). Returns the images (main process)."""
@@ -148,13 +148,12 @@ class PromptSampler:
         if accelerator.is_main_process:
             started = time.perf_counter()
             images = self._generate(accelerator)
-            if write:
-                folder = self.out_dir / "samples" / f"step-{step:08d}"
-                for k, image in enumerate(images):
-                    save_png(image, folder / f"{k}.png")
-                grid = make_grid(images, [p.prompt for p in self.prompts], f"step {step}")
-                save_png(grid, folder / "grid.png")
-                log_image(accelerator, "samples", grid, step)
+            folder = self.out_dir / "samples" / f"step-{step:08d}"
+            for k, image in enumerate(images):
+                save_png(image, folder / f"{k}.png")
+            grid = make_grid(images, [p.prompt for p in self.prompts], f"step {step}")
+            save_png(grid, folder / "grid.png")
+            log_image(accelerator, "samples", grid, step)
             seconds = time.perf_counter() - started
             self.seconds += seconds
             self.images_made += len(images)
@@ -335,7 +334,7 @@ def encode_prompts(source, family: str, prompts: list[SamplePrompt], dtype: torc
         pipe.to(device)
     else:
         pipe = source
-        device = pipe._execution_device
+        device = pipe.device
     encode = TEXT_ENCODINGS[family].encode_text
     positive = encode(pipe, [p.prompt for p in prompts], device)
     negative = encode(pipe, [p.negative for p in prompts], device)
@@ -379,7 +378,7 @@ def _sampling_pipeline(source, loaded):
     if "requires_safety_checker" in parameters:
         components["requires_safety_checker"] = False
     pipe = type(source)(**components)
-    pipe.vae.to("cpu")
+    pipe.vae.to("cpu")  # the caller's VAE object: it waits on the CPU between samples like a loaded one
     return pipe
 
 

@@ -10,10 +10,21 @@ from collections.abc import Callable
 import torch
 
 from .checkpoint import Progress
+from .errors import ConfigError
 from .evaluation import HeldOutLoss
 from .sampling import PromptSampler
 
 logger = logging.getLogger(__name__)
+
+
+def check_config(cfg) -> None:
+    """Combinations of the watching parameters that cannot work; raises :class:`ConfigError`."""
+    if cfg.eval_latents is not None and cfg.eval_fraction:
+        raise ConfigError("--eval_latents and --eval_fraction both give a held-out set; choose one")
+    if cfg.eval_every is not None and cfg.eval_latents is None and not cfg.eval_fraction:
+        raise ConfigError("--eval_every needs a held-out set: --eval_latents PATH or --eval_fraction F")
+    if cfg.sample_every is not None and cfg.sample_prompts is None:
+        raise ConfigError("--sample_every needs --sample_prompts")
 
 
 class Watch:
