@@ -244,6 +244,13 @@ def test_bad_held_out_sets(tmp_path):
     make_dataset(rows=2, with_embeds=False).save_to_disk(str(no_embeds))
     with pytest.raises(TrainerError, match=r"^--eval_latents: the dataset has no 'prompt_embeds' column"):
         train_lora("demo", "demo", eval_latents=str(no_embeds), **RUN)
+    # one --positive row conditions an eval set without embeddings; one with its own ignores --positive
+    positive = {"prompt_embeds": torch.zeros(8, 32)}
+    res = train_lora("demo", make_dataset(rows=4, with_embeds=False), positive, eval_latents=str(no_embeds), **RUN)
+    own = tmp_path / "own"
+    make_dataset(rows=3).save_to_disk(str(own))
+    res2 = train_lora("demo", make_dataset(rows=4, with_embeds=False), positive, eval_latents=str(own), **RUN)
+    assert len(res.loss["eval_loss"]) == len(res2.loss["eval_loss"]) == 2
     with pytest.raises(TrainerError, match=r"^--eval_latents: no such file or folder"):
         train_lora("demo", "demo", eval_latents=str(tmp_path / "missing"), **RUN)
     with pytest.raises(ConfigError, match="choose one"):

@@ -50,7 +50,11 @@ def hold_out(data: TrainingData, fraction: float, seed: int) -> list[int]:
 
 
 def open_eval_set(dataset, positive, family, model) -> TrainingData:
-    """``--eval_latents`` checked exactly as the training set is (columns, shapes, channels, NaN/inf)."""
+    """``--eval_latents`` checked exactly as the training set is (columns, shapes, channels, NaN/inf).
+    Its own conditioning columns are used when it has them all, else ``--positive`` (one row for every
+    latent, or one per held-out row)."""
+    if all(name in dataset.column_names for name in family.conditioning):
+        positive = None
     try:
         return TrainingData(dataset, positive, family, model)
     except TrainerError as e:
