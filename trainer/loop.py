@@ -149,7 +149,7 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
 
     samples_per_second = (progress.done - first_step) * sampler.global_batch / max(train_seconds, 1e-9)
     result = finish(accelerator, run, denoiser, write_outputs, samples_per_second, time.perf_counter() - started,
-                    watch)
+                    watch.seconds)
     if failure is not None:
         raise failure
     result.stopped = stopped
@@ -314,7 +314,7 @@ def should_stop(accelerator: Accelerator, stop: threading.Event, at_log_step: bo
 
 
 def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_second: float,
-           wall_seconds: float, watch: Watch) -> TrainResult:
+           wall_seconds: float, watch_seconds: float = 0.0) -> TrainResult:
     cfg, progress = run.cfg, run.progress
     model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
     model.eval()
@@ -330,13 +330,14 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     result = TrainResult(model, lora, loss_map, progress.total)
     if write_outputs and accelerator.is_main_process:
         result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds,
-                                             watch)
+                                             watch_seconds)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
 
-def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds, watch: Watch) -> Path:
+def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds,
+                      watch_seconds: float = 0.0) -> Path:
     cfg, family, algorithm, steps = run.cfg, run.loaded.family, run.algorithm, run.progress.total
     out = Path(cfg.output_dir)
     lora_path = out / f"{cfg.output_name}.safetensors"
@@ -369,7 +370,7 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
         "samples_per_second": samples_per_second,
         "wall_seconds": wall_seconds,
         # time spent sampling images and computing the held-out loss (part of wall_seconds)
-        "watch_seconds": watch.seconds,
+        "watch_seconds": watch_seconds,
     })
     return lora_path
 
