@@ -189,6 +189,13 @@ def test_sample_size_and_pipeline_object(tmp_path, pipeline):
         train_lora(pipe, "demo", sample_prompts=["a cat"], sample_size="big", **RUN)
 
 
+def test_a_size_the_pipeline_refuses_stops_before_training(tmp_path, pipeline):
+    with pytest.raises(TrainerError, match=r"^--sample_prompts: prompt 1 \('a dog', 30x32\): .*divisible by 8"):
+        train_lora(str(pipeline), "demo", sample_prompts=["a cat", "a dog --w 30"], output_dir=str(tmp_path),
+                   **RUN)
+    assert not (tmp_path / "lora.safetensors").exists()
+
+
 # ----------------------------------------------------------------------------- held-out loss
 
 

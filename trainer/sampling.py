@@ -136,9 +136,8 @@ class PromptSampler:
         self.embeds = embeds
         self.size, self.steps, self.guidance, self.seed = size, steps, guidance, seed
         self.out_dir = out_dir
-        #: wall seconds spent sampling in this run (all sample steps), and the number of images made
+        #: wall seconds spent sampling in this run (all sample steps)
         self.seconds = 0.0
-        self.images_made = 0
 
     def sample(self, accelerator, step: int) -> list:
         """Generate every prompt's image at optimizer step ``step`` (total count); on the main process
@@ -156,7 +155,6 @@ class PromptSampler:
             log_image(accelerator, "samples", grid, step)
             seconds = time.perf_counter() - started
             self.seconds += seconds
-            self.images_made += len(images)
             logger.info("sampled %d image(s) at step %d in %.1f s", len(images), step, seconds)
         accelerator.wait_for_everyone()
         return images
@@ -186,16 +184,20 @@ class PromptSampler:
     def _one(self, accelerator, k: int, prompt: SamplePrompt, embeds: dict[str, torch.Tensor]):
         width = prompt.width or self.size[0]
         height = prompt.height or self.size[1]
-        seed = prompt.seed if prompt.seed is not None else self.seed + k
+        seed = prompt.seed if prompt.seed is not None else (self.seed + k) % 2**64
         kwargs: dict[str, Any] = {name: value.to(accelerator.device) for name, value in embeds.items()}
         guidance = prompt.guidance if prompt.guidance is not None else self.guidance
         if guidance is not None:
             kwargs["guidance_scale"] = guidance
         # a CPU generator: the same seed gives the same starting noise on every device
         generator = torch.Generator("cpu").manual_seed(seed)
-        with accelerator.autocast():  # the precision the denoiser trains in (bf16 autocast or fp32)
-            return self.pipe(height=height, width=width, num_inference_steps=prompt.steps or self.steps,
-                             generator=generator, output_type="pil", **kwargs).images[0]
+        try:
+            with accelerator.autocast():  # the precision the denoiser trains in (bf16 autocast or fp32)
+                return self.pipe(height=height, width=width, num_inference_steps=prompt.steps or self.steps,
+                                 generator=generator, output_type="pil", **kwargs).images[0]
+        except ValueError as e:  # the pipeline's own input checks (e.g. a size its VAE cannot make)
+            raise TrainerError(f"--sample_prompts: prompt {k} ({prompt.prompt[:40]!r}, {width}x{height}): "
+                               f"{str(e).splitlines()[0]}") from None
 
 
 def _denoiser_name(pipe) -> str:
