@@ -274,8 +274,10 @@ def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size
 
     source = pipeline_source(loaded, model_arg)
     if source is None:
+        what = {"folder": f"a bare {loaded.family.subfolder}/ folder", "single_file": "a single-file checkpoint",
+                "demo": "the built-in demo UNet", "object": "a model object, not a pipeline"}.get(loaded.kind, "")
         raise TrainerError(f"--sample_prompts: sampling needs a diffusers pipeline folder (model_index.json with "
-                           f"vae/ and the text encoders); --model {loaded.source} is a {loaded.kind} model")
+                           f"vae/ and the text encoders); --model {loaded.source} is {what}")
     if isinstance(source, Path):
         _check_components(source)
     if accelerator.distributed_type == DistributedType.FSDP:
