@@ -58,6 +58,9 @@ class Progress:
     losses: list[float] = field(default_factory=list)
     #: what makes this run this run (:func:`run_identity`); a checkpoint resumes only the same run
     identity: dict[str, Any] = field(default_factory=dict)
+    #: held-out losses so far and the (total) steps they were taken at
+    eval_losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -85,6 +88,7 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
     def load_hook(models, input_dir):
         saved = json.loads(Path(input_dir, PROGRESS_FILE).read_text())
         progress.done, progress.base, progress.losses = saved["done"], saved["base"], saved["losses"]
+        progress.eval_losses, progress.eval_steps = saved.get("eval_losses", []), saved.get("eval_steps", [])
         if shards_the_model(accelerator):
             return  # FSDP/DeepSpeed restore the model from their own checkpoint
         from safetensors.torch import load_file

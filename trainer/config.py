@@ -129,6 +129,29 @@ class TrainConfig:
     shuffle_buffer: int = _param(1000, "--streaming: examples read ahead and shuffled together (more: better "
                                  "mixing, more memory)", range=(1, 1000000))
 
+    # --- watching a run: sample images and a held-out loss (issue 17) ---
+    # (the default is None, not a shared list: RUF009 only sees "list" in the type)
+    sample_prompts: str | list | None = _param(  # noqa: RUF009
+        None, "sample images while training from these prompts: a text file, one prompt per line with optional "
+        "--n NEGATIVE --w WIDTH --h HEIGHT --s STEPS --g GUIDANCE --d SEED, or a list of such lines in the YAML "
+        "file; needs a pipeline folder (VAE, text encoders)")
+    sample_every: int | None = _param(None, "also sample every N optimizer steps (samples are always made before "
+                                      "the first and after the last step)", range=(1, 100000))
+    sample_steps: int = _param(20, "denoising steps per sample image", range=(1, 1000))
+    sample_guidance: float | None = _param(None, "guidance scale of the samples (Flux: its distilled guidance); "
+                                           "none = the pipeline's own default", range=(0.0, 100.0))
+    sample_size: str | None = _param(None, "sample size in pixels, WIDTHxHEIGHT or one number (square); default: "
+                                     "the training set's most common latent size times the VAE factor")
+    sample_seed: int = _param(0, "noise seed of the first prompt; prompt k uses sample_seed + k unless its line "
+                              "gives --d", range=(0, MAX_SEED))
+    eval_latents: str | None = _param(None, "held-out latents dataset (same format and checks as --latents) for an "
+                                      "evaluation loss")
+    eval_fraction: float | None = _param(None, "hold this fraction of the --latents rows (chosen by the seed) out of "
+                                         "training for an evaluation loss; 0 or none = no hold-out",
+                                         range=(0.0, 0.9))
+    eval_every: int | None = _param(None, "also compute the held-out loss every N optimizer steps (it is always "
+                                    "computed before the first and after the last step)", range=(1, 100000))
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
@@ -176,6 +199,8 @@ def _describe(f: dataclasses.Field) -> str:
         return f"a number in {lo:g}..{hi:g}{optional}"
     if typ == "bool":
         return "true or false"
+    if typ == "str | list":
+        return "a file name or (in the YAML file) a list of strings" + optional
     return "a string" + optional
 
 
@@ -189,6 +214,10 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if optional:
             return None
         raise bad
+    if typ == "str | list" and isinstance(value, list):  # a list only comes from the YAML file
+        if not all(isinstance(v, str) for v in value):
+            raise bad
+        return value
     if typ == "bool":
         if isinstance(value, bool):
             return value

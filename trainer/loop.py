@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
+from .evaluation import HeldOutLoss, hold_out, open_eval_set
 from .losses import get_loss
 from .models import load_model
 from .models.precision import is_plain
@@ -36,7 +37,9 @@ from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
 from .rundir import (OutputWriteError, RunFolder, check_room, check_writable, describe_os_error,
                      estimate_output_bytes, remove_if_unused, run_lock)
+from .sampling import build_sampler, most_common_size, parse_size, read_prompts
 from .streaming import StreamData, StreamingBatches, open_stream, streaming_loader
+from .watch import Watch, check_config
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,10 @@ class Run:
     offsets: dict[str, dict[str, torch.Tensor]]
     #: output_dir as this run's own (rundir.RunFolder), set once resuming is decided
     folder: Any = None
+    #: sample images while training (sampling.PromptSampler), or None
+    sampler: Any = None
+    #: the held-out rows (evaluation.HeldOutLoss), or None
+    held_out: HeldOutLoss | None = None
 
 
 def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: Any = None,
@@ -127,15 +134,21 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
     loader = build_loader(cfg, run.data, accelerator, progress, stream)
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation_steps
     history = LossHistory(cfg.steps, progress, accelerator.device)
+    eval_objective = family.make_objective(run.loaded, replace(ObjectiveOptions.from_config(cfg),
+                                                               timestep_sampling="uniform"))
+    watch = Watch(accelerator, progress, cfg.steps, run.sampler, cfg.sample_every, run.held_out, cfg.eval_every,
+                  denoiser, lambda batch: train_step(denoiser, family, eval_objective, loss_fn, batch))
     good = checkpoint.snapshot(run.params)  # the adapter to fall back to after a NaN/inf loss
     bar = tqdm(total=cfg.steps, initial=progress.done, desc="training", disable=not accelerator.is_main_process)
     micro_loss = torch.zeros((), device=accelerator.device)
     stopped, failure, train_started, first_step = None, None, time.perf_counter(), progress.done
+    if cfg.report_to != "none" or run.sampler is not None:
+        claim(accelerator, run)  # trackers write under output_dir/logs, samples under output_dir/samples
     if cfg.report_to != "none":
-        claim(accelerator, run)  # trackers write under output_dir/logs
-        accelerator.init_trackers("lora-trainer", config=cfg.to_dict())
+        accelerator.init_trackers("lora-trainer", config=_tracker_config(cfg))
     with stop_signals(handle_signals) as stop:
         try:
+            watch.start()
             for batch in loader:
                 with accelerator.accumulate(denoiser):
                     loss = train_step(denoiser, family, objective, loss_fn, batch)
@@ -151,6 +164,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
                 at_log_step = progress.done % cfg.log_every == 0 or progress.done == cfg.steps
                 if at_log_step:
                     good = log_step(accelerator, run, history, bar, good)
+                watch.step()
                 if cfg.checkpointing_steps and progress.done % cfg.checkpointing_steps == 0:
                     history.pull(accelerator)
                     save_checkpoint(accelerator, run)
@@ -158,12 +172,14 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
                     stopped = "preempted"
                     break
             history.pull(accelerator)
+            if not stopped:
+                watch.end()
         except NonFiniteLoss as e:
             failure = e  # the adapter is back at the last good step: write it, then report
         except OutputWriteError as e:
             failure = _keep_training_result(accelerator, e)
         bar.close()
-        train_seconds = time.perf_counter() - train_started
+        train_seconds = time.perf_counter() - train_started - watch.seconds
         if stopped:
             logger.warning("stop signal received: saving a checkpoint and the adapter at step %d", progress.total)
             try:
@@ -175,7 +191,8 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
     # a run that trained nothing (a NaN/inf at its first step) writes nothing: the folder stays as it was
     write = write_outputs and progress.done > 0
     try:
-        result = finish(accelerator, run, denoiser, write, samples_per_second, time.perf_counter() - started)
+        result = finish(accelerator, run, denoiser, write, samples_per_second, time.perf_counter() - started,
+                        watch.seconds)
     except OutputWriteError as e:
         if failure is None:
             raise
@@ -258,14 +275,25 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     if cfg.save_merged_model and cfg.weight_dtype != "default":
         raise TrainerError(f"--save_merged_model merges into the base weights, which --weight_dtype "
                            f"{cfg.weight_dtype} stores at reduced precision; use --weight_dtype default")
-    # open the dataset first: a wrong path fails in a second, not after loading a large model
+    # open the datasets and read the prompts first: a wrong path fails in a second, not after loading a
+    # large model
+    check_config(cfg)
     source = cfg.latents if latents is None else latents
     dataset = open_stream(source) if cfg.streaming else open_dataset(source, "--latents")
+    eval_dataset = open_dataset(cfg.eval_latents, "--eval_latents") if cfg.eval_latents is not None else None
+    prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts is not None else None
+    sample_size = parse_size(cfg.sample_size)
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config, dtype=_DTYPES[cfg.training_dtype], weight_dtype=cfg.weight_dtype)
     family, denoiser = loaded.family, loaded.denoiser
-    data = (StreamData if cfg.streaming else TrainingData)(dataset, cfg.positive if positive is None else positive,
-                                                          family, denoiser)
+    positive = cfg.positive if positive is None else positive
+    data = (StreamData if cfg.streaming else TrainingData)(dataset, positive, family, denoiser)
+    held_out = None
+    if eval_dataset is not None:
+        eval_data = open_eval_set(eval_dataset, positive, family, denoiser)
+        held_out = HeldOutLoss(eval_data, list(range(eval_data.num_rows)))
+    elif cfg.eval_fraction:
+        held_out = HeldOutLoss(data, hold_out(data, cfg.eval_fraction, cfg.seed))
     targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()
@@ -297,7 +325,12 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     offsets = existing.deltas if existing is not None else {}
-    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
+    sampler = None
+    if prompts is not None:
+        sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
+        sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
+    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets, sampler,
+               held_out)
 
 
 def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
@@ -408,7 +441,7 @@ def should_stop(accelerator: Accelerator, stop: threading.Event, at_log_step: bo
 
 
 def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_second: float,
-           wall_seconds: float) -> TrainResult:
+           wall_seconds: float, watch_seconds: float = 0.0) -> TrainResult:
     cfg, progress = run.cfg, run.progress
     model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
     model.eval()
@@ -419,16 +452,20 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
         for key, tensor in family.file_tensors(name, offsets).items():
             lora[key] = tensor.to(dtype).contiguous()
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
+    if run.held_out is not None:
+        loss_map.update(eval_loss=list(progress.eval_losses), eval_step=list(progress.eval_steps))
     result = TrainResult(model, lora, loss_map, progress.total)
     if write_outputs and accelerator.is_main_process:
         claim(accelerator, run)
-        result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds)
+        result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds,
+                                             watch_seconds)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
 
-def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds) -> Path:
+def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds,
+                      watch_seconds: float = 0.0) -> Path:
     """The adapter first (what matters most), then loss.json, loss.png, result.json, model_with_lora/.
     A failed write raises :class:`OutputWriteError` saying what was kept: the adapter, else a copy in
     the temp folder (another file system, as a rule) and the last checkpoint."""
@@ -443,7 +480,8 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
     try:
         write_json(out / "loss.json", loss_map)
         plot_loss(out / "loss.png", loss_map["step"], loss_map["loss"],
-                  f"{cfg.output_name}: {algorithm.name} rank {run.rank}, {run.loaded.family.name}")
+                  f"{cfg.output_name}: {algorithm.name} rank {run.rank}, {run.loaded.family.name}",
+                  loss_map.get("eval_step"), loss_map.get("eval_loss"))
         if cfg.save_merged_model:
             save_merged_model(model, run.loaded.source, run.loaded.kind, run.loaded.extra.get("subfolder"), out)
         write_json(out / "result.json", {
@@ -452,6 +490,8 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
             "final_loss": loss_map["loss"][-1] if loss_map["loss"] else None,
             "samples_per_second": samples_per_second,
             "wall_seconds": wall_seconds,
+            # time spent sampling images and computing the held-out loss (part of wall_seconds)
+            "watch_seconds": watch_seconds,
         })
     except Exception as e:
         failed = write_failure(e, out)  # save_pretrained and savefig may report a full disk otherwise
@@ -496,6 +536,12 @@ def _rescue(run: Run, lora, metadata) -> str:
         kept.append(f"the last checkpoint ({last[-1][1]}, step {run.progress.base + last[-1][0]}) is kept: free "
                     "space and run again with --resume_from_checkpoint latest")
     return "; ".join(kept)
+
+
+def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config for the trackers: lists (prompts given in the YAML file) as one string each, since
+    TensorBoard's hyperparameters take only scalars and strings."""
+    return {k: "\n".join(v) if isinstance(v, list) else v for k, v in cfg.to_dict().items()}
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:

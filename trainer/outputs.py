@@ -136,8 +136,10 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def plot_loss(path: str | Path, steps: list[int], losses: list[float], title: str) -> None:
-    """loss.png: the raw per-step loss and its smoothed curve against the optimizer step."""
+def plot_loss(path: str | Path, steps: list[int], losses: list[float], title: str,
+              eval_steps: list[int] | None = None, eval_losses: list[float] | None = None) -> None:
+    """loss.png: the raw per-step loss and its smoothed curve against the optimizer step, and the
+    held-out loss at the steps it was taken when given."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; must be chosen before pyplot is imported
@@ -146,6 +148,9 @@ def plot_loss(path: str | Path, steps: list[int], losses: list[float], title: st
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
     ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="smoothed (EMA 0.9)")
+    if eval_steps:
+        ax.plot(eval_steps, eval_losses, color="tab:orange", linewidth=2, marker="o", markersize=4,
+                label="held-out (fixed noise and timesteps)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 EARLIER_RUNS = "earlier-runs"
 #: what a run writes in its folder besides ``<output_name>.safetensors`` (see outputs.py, checkpoint.py)
-RUN_FILES = ("result.json", "loss.json", "loss.png", "model_with_lora", "checkpoints", "logs")
+RUN_FILES = ("result.json", "loss.json", "loss.png", "model_with_lora", "checkpoints", "logs", "samples")
 _MIB = 1024 * 1024
 
 

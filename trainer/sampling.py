@@ -1,0 +1,393 @@
+"""Sample images while training (``--sample_prompts``): the family's own diffusers pipeline around
+the denoiser being trained, with the model folder's VAE and scheduler.
+
+Cost and side effects, by design:
+
+- the text encoders run once, at start-up, for every prompt and negative prompt; their outputs are
+  kept on the CPU and the encoders are freed before training starts;
+- the VAE is loaded once and lives on the CPU; it is moved to the device only while sampling;
+- sampling runs under ``no_grad`` in eval mode with the CPU and CUDA RNG states saved and restored,
+  and never touches the data order or the adapter, so a run with samples ends with exactly the same
+  adapter as one without;
+- with several processes the main process samples while the others wait at a barrier (the sampled
+  model is the same on every process; splitting four or so prompts over processes would save
+  little and need the images gathered).
+
+Prompt syntax (kohya's, which users of ``--sample_prompts`` files already have)::
+
+    a photo of sks dog on a beach --n blurry, low quality --w 768 --h 512 --s 30 --g 6 --d 42
+
+``--n`` negative prompt, ``--w``/``--h`` size in pixels, ``--s`` steps, ``--g`` (or kohya's ``--l``)
+guidance scale, ``--d`` seed. Blank lines and lines starting with ``#`` are skipped.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, TrainerError
+from .outputs import atomic_path
+
+logger = logging.getLogger(__name__)
+
+#: the options a prompt line may carry: letter -> (field, type)
+OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
+           "g": ("guidance", float), "l": ("guidance", float), "d": ("seed", int)}
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_GRID_COLUMNS = 4
+_GRID_CELL = 256  # smallest cell width in the grid, so that a caption under a tiny image stays readable
+
+
+@dataclass
+class SamplePrompt:
+    """One prompt line; ``None`` fields take the run's defaults."""
+
+    prompt: str
+    negative: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+
+
+def parse_prompt(line: str, where: str) -> SamplePrompt:
+    """One line of the prompt syntax (see the module docstring); ``where`` names it in errors."""
+    parts = (" " + line.strip()).split(" --")
+    sample = SamplePrompt(parts[0].strip())
+    if not sample.prompt:
+        raise ConfigError(f"{where}: the line has options but no prompt")
+    for part in parts[1:]:
+        letter, _, value = part.partition(" ")
+        if letter not in OPTIONS:
+            raise ConfigError(f"{where}: unknown option --{letter} (known: "
+                              f"{', '.join('--' + k for k in OPTIONS)})")
+        name, kind = OPTIONS[letter]
+        value = value.strip()
+        try:
+            parsed = kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: --{letter} expects a{'n integer' if kind is int else ' number'}, got "
+                              f"{value!r}") from None
+        if kind is not str and (parsed < 0 or (letter in "whs" and parsed < 1)):
+            raise ConfigError(f"{where}: --{letter} must be positive, got {value}")
+        setattr(sample, name, parsed)
+    return sample
+
+
+def read_prompts(source: str | list[str]) -> list[SamplePrompt]:
+    """The prompts of ``--sample_prompts``: a text file or a list of lines (from the YAML file).
+
+    Raises :class:`ConfigError` for an unreadable or empty file and for a malformed line.
+    """
+    if isinstance(source, list):
+        lines, name = source, "--sample_prompts"
+        where = [f"--sample_prompts: item {i}" for i in range(len(lines))]
+    else:
+        path = Path(source)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(f"--sample_prompts: cannot read {path}: {reason}") from None
+        name = f"--sample_prompts: {path}"
+        where = [f"{name}, line {i + 1}" for i in range(len(lines))]
+    prompts = [parse_prompt(line, where[i]) for i, line in enumerate(lines)
+               if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ConfigError(f"{name} holds no prompts (one per line; blank lines and lines starting with # are "
+                          "skipped)")
+    return prompts
+
+
+def parse_size(value: str | None) -> tuple[int, int] | None:
+    """``--sample_size``: ``WIDTHxHEIGHT`` or one number for a square, as ``(width, height)``."""
+    if value is None:
+        return None
+    parts = value.lower().replace(" ", "").split("x")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1:
+        raise ConfigError(f"--sample_size: expected WIDTHxHEIGHT or one number of pixels, got {value!r}")
+    return (numbers[0], numbers[-1])
+
+
+# ----------------------------------------------------------------------------- the sampler
+
+
+class PromptSampler:
+    """Makes, writes and reports the sample images of one step (on the main process; the others wait)."""
+
+    def __init__(self, pipe, prompts: list[SamplePrompt], embeds: list[dict[str, torch.Tensor]],
+                 size: tuple[int, int], steps: int, guidance: float | None, seed: int, out_dir: Path):
+        self.pipe = pipe
+        self.prompts = prompts
+        #: per prompt: the pipeline's embedding arguments (prompt_embeds, negative_prompt_embeds, ...), on the CPU
+        self.embeds = embeds
+        self.size, self.steps, self.guidance, self.seed = size, steps, guidance, seed
+        self.out_dir = out_dir
+        #: wall seconds spent sampling in this run (all sample steps)
+        self.seconds = 0.0
+
+    def sample(self, accelerator, step: int) -> list:
+        """Generate every prompt's image at optimizer step ``step`` (total count); on the main process
+        write them (``samples/step-NNNNNNNN/<k>.png`` and ``grid.png``) and send the grid to the
+        trackers. Every process must call this (the others wait). Returns the images (main process)."""
+        images = []
+        if accelerator.is_main_process:
+            started = time.perf_counter()
+            images = self._generate(accelerator)
+            folder = self.out_dir / "samples" / f"step-{step:08d}"
+            for k, image in enumerate(images):
+                save_png(image, folder / f"{k}.png")
+            grid = make_grid(images, [p.prompt for p in self.prompts], f"step {step}")
+            save_png(grid, folder / "grid.png")
+            log_image(accelerator, "samples", grid, step)
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
+            logger.info("sampled %d image(s) at step %d in %.1f s", len(images), step, seconds)
+        accelerator.wait_for_everyone()
+        return images
+
+    def _generate(self, accelerator) -> list:
+        device = accelerator.device
+        denoiser = self.pipe.components[_denoiser_name(self.pipe)]
+        was_training = denoiser.training
+        vae = self.pipe.vae
+        # sampling must not move any random stream that training reads: fork_rng restores the CPU
+        # (and this device's CUDA) generator state afterwards
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            denoiser.eval()
+            vae.to(device)
+            try:
+                images = []
+                for k, (prompt, embeds) in enumerate(zip(self.prompts, self.embeds)):
+                    images.append(self._one(accelerator, k, prompt, embeds))
+            finally:
+                vae.to("cpu")
+                denoiser.train(was_training)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return images
+
+    def _one(self, accelerator, k: int, prompt: SamplePrompt, embeds: dict[str, torch.Tensor]):
+        width = prompt.width or self.size[0]
+        height = prompt.height or self.size[1]
+        seed = prompt.seed if prompt.seed is not None else (self.seed + k) % 2**64
+        kwargs: dict[str, Any] = {name: value.to(accelerator.device) for name, value in embeds.items()}
+        guidance = prompt.guidance if prompt.guidance is not None else self.guidance
+        if guidance is not None:
+            kwargs["guidance_scale"] = guidance
+        # a CPU generator: the same seed gives the same starting noise on every device
+        generator = torch.Generator("cpu").manual_seed(seed)
+        try:
+            with accelerator.autocast():  # the precision the denoiser trains in (bf16 autocast or fp32)
+                return self.pipe(height=height, width=width, num_inference_steps=prompt.steps or self.steps,
+                                 generator=generator, output_type="pil", **kwargs).images[0]
+        except ValueError as e:  # the pipeline's own input checks (e.g. a size its VAE cannot make)
+            raise TrainerError(f"--sample_prompts: prompt {k} ({prompt.prompt[:40]!r}, {width}x{height}): "
+                               f"{str(e).splitlines()[0]}") from None
+
+
+def _denoiser_name(pipe) -> str:
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+
+
+def save_png(image, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def log_image(accelerator, tag: str, image, step: int) -> None:
+    """Send one image to every tracker that takes images (TensorBoard: an NHWC array; W&B: PIL)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({tag: np.asarray(image)[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({tag: [image]}, step=step)
+
+
+def make_grid(images: list, captions: list[str], title: str):
+    """The images side by side (up to four a row), each with its prompt under it, ``title`` on top."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=14)
+    cell_w = max(max(im.width for im in images), _GRID_CELL)
+    # small images are enlarged by a whole factor (nearest neighbour: pixels stay visible as pixels)
+    scaled = [im.resize((im.width * (cell_w // im.width), im.height * (cell_w // im.width)), Image.NEAREST)
+              if im.width < cell_w else im for im in images]
+    cell_h = max(im.height for im in scaled)
+    chars = max(8, cell_w // 8)
+    wrapped = ["\n".join(textwrap.wrap(c, chars, max_lines=3, placeholder=" ...")) for c in captions]
+    lines = max(text.count("\n") + 1 for text in wrapped)
+    caption_h, title_h, pad = lines * 18 + 8, 28, 6
+    columns = min(_GRID_COLUMNS, len(images))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * (cell_w + pad) + pad, title_h + rows * (cell_h + caption_h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((pad, 6), title, fill="black", font=ImageFont.load_default(size=18))
+    for k, (image, text) in enumerate(zip(scaled, wrapped)):
+        x = pad + (k % columns) * (cell_w + pad)
+        y = title_h + (k // columns) * (cell_h + caption_h + pad)
+        grid.paste(image.convert("RGB"), (x, y))
+        draw.multiline_text((x, y + cell_h + 4), text, fill="black", font=font, spacing=4)
+    return grid
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def pipeline_source(loaded, model_arg: Any) -> Path | Any | None:
+    """Where the VAE, text encoders and scheduler come from: a pipeline object given to the library
+    call, a pipeline folder, or the pipeline folder above a ``unet/``/``transformer/`` folder; None when
+    there is none (a bare denoiser folder, a single file, the demo)."""
+    if hasattr(model_arg, "components"):
+        return model_arg
+    if loaded.kind == "pipeline":
+        return Path(loaded.source)
+    if loaded.kind == "folder" and (Path(loaded.source).parent / "model_index.json").is_file():
+        return Path(loaded.source).parent
+    return None
+
+
+def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size: tuple[int, int],
+                  accelerator) -> PromptSampler:
+    """Encode the prompts, load the VAE and scheduler around the (adapted) denoiser.
+
+    Every process checks the model; only the main process loads and encodes (it alone samples).
+    Raises :class:`TrainerError` when the model has no pipeline (VAE and text encoders) around it.
+    """
+    from accelerate.utils import DistributedType
+
+    source = pipeline_source(loaded, model_arg)
+    if source is None:
+        what = {"folder": f"a bare {loaded.family.subfolder}/ folder", "single_file": "a single-file checkpoint",
+                "demo": "the built-in demo UNet", "object": "a model object, not a pipeline"}.get(loaded.kind, "")
+        raise TrainerError(f"--sample_prompts: sampling needs a diffusers pipeline folder (model_index.json with "
+                           f"vae/ and the text encoders); --model {loaded.source} is {what}")
+    if isinstance(source, Path):
+        _check_components(source)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise TrainerError("--sample_prompts: sampling is not supported under FSDP (the main process samples "
+                           "alone and FSDP shards the denoiser); sample from the saved LoRA instead")
+    out_dir = Path(cfg.output_dir)
+    if not accelerator.is_main_process:
+        return PromptSampler(None, prompts, [], size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
+                             out_dir)
+    started = time.perf_counter()
+    dtype = _DTYPES[cfg.training_dtype]
+    embeds = encode_prompts(source, loaded.family.name, prompts, dtype, accelerator.device)
+    pipe = _sampling_pipeline(source, loaded)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("sampling %d prompt(s) at %dx%d, %d steps: encoded in %.1f s", len(prompts), size[0], size[1],
+                cfg.sample_steps, time.perf_counter() - started)
+    return PromptSampler(pipe, prompts, embeds, size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
+                         out_dir)
+
+
+def _check_components(root: Path) -> None:
+    from .models.base import read_json
+
+    index = read_json(root / "model_index.json")
+    missing = [name for name in ("vae", "text_encoder")
+               if not (isinstance(index.get(name), list) and index[name][0] is not None and (root / name).is_dir())]
+    if missing:
+        raise TrainerError(f"--sample_prompts: sampling needs the pipeline's VAE and text encoders, but {root} has "
+                           f"no {' or '.join(f'{m}/' for m in missing)}")
+
+
+#: pipeline components the text encoding needs (prepare's list without the VAE)
+def _encoder_components() -> tuple[str, ...]:
+    from .prepare import ENCODER_COMPONENTS
+
+    return tuple(c for c in ENCODER_COMPONENTS if c != "vae")
+
+
+@torch.no_grad()
+def encode_prompts(source, family: str, prompts: list[SamplePrompt], dtype: torch.dtype,
+                   device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Each prompt's and negative prompt's embeddings, as the pipeline's call arguments, on the CPU.
+
+    The text encoders are those of ``source`` (a pipeline folder: loaded here, then freed; a pipeline
+    object: used where they are). The per-family encoding is ``lora-prepare``'s.
+    """
+    from .prepare import TEXT_ENCODINGS
+
+    if isinstance(source, Path):
+        from diffusers import DiffusionPipeline
+
+        from .models.base import read_json
+
+        index = read_json(source / "model_index.json")
+        keep = _encoder_components()
+        leave_out = {name: None for name, value in index.items() if isinstance(value, list) and name not in keep}
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **leave_out)
+        pipe.to(device)
+    else:
+        pipe = source
+        device = pipe.device
+    encode = TEXT_ENCODINGS[family].encode_text
+    positive = encode(pipe, [p.prompt for p in prompts], device)
+    negative = encode(pipe, [p.negative for p in prompts], device)
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        # SDXL's pipelines use zeros, not the encoded empty string, for an empty negative prompt
+        for k, p in enumerate(prompts):
+            if not p.negative:
+                for tensor in negative.values():
+                    tensor[k] = 0
+    embeds = [{**{name: value[k:k + 1].cpu() for name, value in positive.items()},
+               **{f"negative_{name}": value[k:k + 1].cpu() for name, value in negative.items()}}
+              for k in range(len(prompts))]
+    if isinstance(source, Path):
+        del pipe  # the text encoders are not needed again
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return embeds
+
+
+def _sampling_pipeline(source, loaded):
+    """The family's pipeline holding only the VAE (on the CPU), the scheduler and the trained denoiser."""
+    denoiser = loaded.denoiser
+    name = loaded.family.subfolder
+    if isinstance(source, Path):
+        from diffusers import DiffusionPipeline
+
+        from .models.base import read_json
+
+        index = read_json(source / "model_index.json")
+        leave_out = {n: None for n, value in index.items()
+                     if isinstance(value, list) and n not in ("vae", "scheduler", name)}
+        if "requires_safety_checker" in index:
+            leave_out["requires_safety_checker"] = False
+        return DiffusionPipeline.from_pretrained(source, **{name: denoiser}, **leave_out)
+    import inspect
+
+    parameters = inspect.signature(type(source).__init__).parameters
+    components = {n: (c if n in ("vae", "scheduler") else None) for n, c in source.components.items()}
+    components[name] = denoiser
+    if "requires_safety_checker" in parameters:
+        components["requires_safety_checker"] = False
+    pipe = type(source)(**components)
+    pipe.vae.to("cpu")  # the caller's VAE object: it waits on the CPU between samples like a loaded one
+    return pipe
+
+
+def most_common_size(data, vae_scale_factor: int) -> tuple[int, int]:
+    """(width, height) in pixels of the training set's largest bucket (its latent size x the VAE factor)."""
+    bucket = max(data.buckets, key=len)
+    height, width = data.rows([bucket[0]])["latents"].shape[-2:]
+    return (int(width) * vae_scale_factor, int(height) * vae_scale_factor)
