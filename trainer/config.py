@@ -115,8 +115,9 @@ class TrainConfig:
                                              range=(1, 100000), identity=False)
     checkpoints_total_limit: int | None = _param(None, "keep at most this many checkpoints (oldest removed)",
                                                  range=(1, 100000), identity=False)
-    resume_from_checkpoint: str | None = _param(None, "'latest' or a checkpoint folder: continue that run "
-                                                "exactly (--steps counts the whole run)", identity=False)
+    resume_from_checkpoint: str | None = _param(None, "'latest' (the newest checkpoint of this same run that "
+                                                "loads) or a checkpoint folder: continue that run exactly "
+                                                "(--steps counts the whole run)", identity=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
