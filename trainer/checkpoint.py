@@ -236,12 +236,19 @@ def resume(accelerator, spec: str | None, output_dir: str | Path, progress: Prog
 def _try_load(accelerator, folder: Path, progress: Progress, params, optimizer) -> str | None:
     """Load ``folder`` on every process; on a failure anywhere put everything back as it was and
     return the reason (every process agrees, so all resume the same checkpoint or none)."""
-    before = (snapshot(params), copy.deepcopy(optimizer.state_dict()), asdict(progress), _rng_states())
+    sharded = shards_the_model(accelerator)
+    # FSDP/DeepSpeed hold sharded state whose copy takes collectives: no rollback there (below)
+    before = None if sharded else (snapshot(params), copy.deepcopy(optimizer.state_dict()), asdict(progress),
+                                   _rng_states())
     problem = None
     try:
         accelerator.load_state(str(folder))
     except Exception as e:  # torch.load, safetensors, pickle and json raise many types for a broken file
         problem = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if sharded:
+            raise TrainerError(f"--resume_from_checkpoint: cannot load {folder} ({problem}); under FSDP/DeepSpeed "
+                               "a partly loaded state cannot be rolled back: move that checkpoint away and "
+                               "run again") from None
     failed = torch.tensor(float(problem is not None), device=accelerator.device)
     if accelerator.num_processes > 1:
         failed = accelerator.reduce(failed, reduction="sum")

@@ -114,8 +114,9 @@ class TrainConfig:
                                              range=(1, 100000), identity=False)
     checkpoints_total_limit: int | None = _param(None, "keep at most this many checkpoints (oldest removed)",
                                                  range=(1, 100000), identity=False)
-    resume_from_checkpoint: str | None = _param(None, "'latest' or a checkpoint folder: continue that run "
-                                                "exactly (--steps counts the whole run)", identity=False)
+    resume_from_checkpoint: str | None = _param(None, "'latest' (the newest checkpoint of this same run that "
+                                                "loads) or a checkpoint folder: continue that run exactly "
+                                                "(--steps counts the whole run)", identity=False)
     # --- model storage (issue 14) ---
     weight_dtype: str = _param("default", "how the frozen base is stored: default = the training dtype; "
                                "fp8_e4m3fn/fp8_e5m2 = fp8, each layer computed in the training dtype; int8 = "
@@ -134,23 +135,26 @@ class TrainConfig:
     sample_prompts: str | list | None = _param(  # noqa: RUF009
         None, "sample images while training from these prompts: a text file, one prompt per line with optional "
         "--n NEGATIVE --w WIDTH --h HEIGHT --s STEPS --g GUIDANCE --d SEED, or a list of such lines in the YAML "
-        "file; needs a pipeline folder (VAE, text encoders)")
+        "file; needs a pipeline folder (VAE, text encoders)", identity=False)
     sample_every: int | None = _param(None, "also sample every N optimizer steps (samples are always made before "
-                                      "the first and after the last step)", range=(1, 100000))
-    sample_steps: int = _param(20, "denoising steps per sample image", range=(1, 1000))
+                                      "the first and after the last step)", range=(1, 100000), identity=False)
+    sample_steps: int = _param(20, "denoising steps per sample image", range=(1, 1000), identity=False)
     sample_guidance: float | None = _param(None, "guidance scale of the samples (Flux: its distilled guidance); "
-                                           "none = the pipeline's own default", range=(0.0, 100.0))
+                                           "none = the pipeline's own default", range=(0.0, 100.0),
+                                           identity=False)
     sample_size: str | None = _param(None, "sample size in pixels, WIDTHxHEIGHT or one number (square); default: "
-                                     "the training set's most common latent size times the VAE factor")
+                                     "the training set's most common latent size times the VAE factor",
+                                     identity=False)
     sample_seed: int = _param(0, "noise seed of the first prompt; prompt k uses sample_seed + k unless its line "
-                              "gives --d", range=(0, MAX_SEED))
+                              "gives --d", range=(0, MAX_SEED), identity=False)
     eval_latents: str | None = _param(None, "held-out latents dataset (same format and checks as --latents) for an "
-                                      "evaluation loss")
+                                      "evaluation loss", identity=False)
     eval_fraction: float | None = _param(None, "hold this fraction of the --latents rows (chosen by the seed) out of "
                                          "training for an evaluation loss; 0 or none = no hold-out",
                                          range=(0.0, 0.9))
     eval_every: int | None = _param(None, "also compute the held-out loss every N optimizer steps (it is always "
-                                    "computed before the first and after the last step)", range=(1, 100000))
+                                    "computed before the first and after the last step)", range=(1, 100000),
+                                    identity=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

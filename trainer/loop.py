@@ -102,7 +102,7 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
                 # before the model is loaded: a folder that cannot be written fails now, not after the run
                 check_writable(cfg.output_dir)
                 stack.enter_context(run_lock(cfg.output_dir))
-            return _train(cfg, accelerator, model, latents, positive, write_outputs, handle_signals and writes)
+            return _train(cfg, accelerator, model, latents, positive, write_outputs, handle_signals, writes)
     except BaseException:
         if created:
             remove_if_unused(cfg.output_dir)  # a run that failed before writing leaves no trace
@@ -110,10 +110,10 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
 
 
 def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any,
-           write_outputs: bool, handle_signals: bool) -> TrainResult:
+           write_outputs: bool, handle_signals: bool, writes: bool) -> TrainResult:
     started = time.perf_counter()
     run = setup(cfg, accelerator, model, latents, positive)
-    if accelerator.is_main_process and (write_outputs or cfg.checkpointing_steps or handle_signals):
+    if writes and accelerator.is_main_process:  # the adapter's size is known now
         check_room(cfg.output_dir, *_output_bytes(cfg, run, handle_signals))
     family, progress = run.loaded.family, run.progress
     progress.identity = checkpoint.run_identity(cfg, accelerator.num_processes)

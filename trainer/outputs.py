@@ -19,14 +19,15 @@ import torch
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; on success make it durable and rename it
     onto ``path``, else remove it. The one way this project writes a file.
 
     The temporary file is created with mode 0666 masked by the umask (0644 under umask 022), as
     ``open()`` would create ``path`` itself; ``tempfile.mkstemp`` would make it 0600, unreadable for
     another account (a ComfyUI service, a shared models folder). It is flushed to disk (fsync) before
-    the rename, and the rename is flushed too, so a power cut leaves the old file or the new one.
+    the rename, and the rename is flushed too, so a power cut leaves the old file or the new one
+    (``durable=False`` skips both, for caches that can be made again).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,9 +37,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         # some writers replace the file with their own 0600 temporary (safetensors >= 0.6 does)
         os.chmod(tmp, mode)
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp, os.O_RDWR)  # Windows flushes only a file open for writing
         os.replace(tmp, path)
-        _fsync_folder(path.parent)
+        if durable:
+            _fsync_folder(path.parent)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -98,8 +101,8 @@ def umask_modes(folder: str | Path) -> None:
                 os.chmod(path, mode)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
@@ -111,7 +114,7 @@ def _fsync_folder(folder: Path) -> None:
     if os.name != "posix":
         return
     with contextlib.suppress(OSError):  # some file systems refuse fsync on a folder: best effort
-        _fsync(folder)
+        _fsync(folder, os.O_RDONLY)
 
 
 def write_json(path: str | Path, data: Any) -> None:

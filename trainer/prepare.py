@@ -530,7 +530,7 @@ class Cache:
 
         from .outputs import atomic_path
 
-        with atomic_path(path) as tmp:
+        with atomic_path(path, durable=False) as tmp:  # a cache: no fsync per image
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
