@@ -61,8 +61,12 @@ class TrainConfig:
     alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0; "
                                  "none = rank, a scale of 1); for OFT the norm constraint (0 = none)",
                                  range=(1e-6, 1e6))
-    target_modules: str | None = _param(None, "comma-separated module names to adapt (suffix match); "
-                                        "default: the model family's attention projections")
+    target_modules: str = _param("all", "what to train. all: an adapter on every Linear/Conv layer (the "
+                                 "node's layers; loads in diffusers and ComfyUI); node: all plus full offsets "
+                                 "of every norm weight and bias (.diff/.diff_b), exactly what the node trains "
+                                 "(loads in ComfyUI and this trainer, not in diffusers); attention: the "
+                                 "family's attention projections; or comma-separated module names (suffix "
+                                 "match)")
     output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json")
     output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter")
     model_family: str = _param("auto", "model family (sd = SD 1.x/2.x, sdxl, sd3 = SD3/3.5, flux = "

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .adapters import adapter_layers, attach_adapter, export_adapter, get_algorithm
+from .adapters.targets import Offsets, base_modules, offset_parameters, resolve_targets
 from .checkpoint import Progress
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
@@ -67,8 +68,8 @@ class Run:
     rank: int
     alpha: float
     progress: Progress
-    #: full offsets of a continued file (module path -> {"diff", "diff_b"}), carried into the output
-    offsets: dict[str, dict[str, torch.Tensor]]
+    #: the node's full offsets (``diff``/``diff_b``) trained in this run, written beside the adapter
+    offsets: Offsets
 
 
 def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: Any = None,
@@ -82,7 +83,7 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
     loss_fn = get_loss(cfg.loss_function)
     optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
-    checkpoint.register_adapter_hooks(accelerator, progress)
+    checkpoint.register_adapter_hooks(accelerator, progress, run.offsets)
     denoiser, optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
     resume = checkpoint.resolve_resume(cfg.resume_from_checkpoint, cfg.output_dir)
     if resume is not None:
@@ -148,7 +149,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
                         cfg.model_config)
     family, denoiser = loaded.family, loaded.denoiser
     data = TrainingData(dataset, cfg.positive if positive is None else positive, family, denoiser)
-    targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
+    targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser)
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()
     if cfg.existing_lora is not None:
@@ -158,11 +159,20 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         attach = existing.attach_arguments()
         algorithm_name = existing.algorithm
         _report_overrides(cfg, algorithm_name, attach)
-        _apply_offsets(denoiser, existing.deltas)
         progress.base = existing.steps
     algorithm = get_algorithm(algorithm_name)
     params = attach_adapter(denoiser, algorithm, seed=cfg.seed, **attach)
+    # the node's full offsets are trained under --target_modules node and whenever the continued file has
+    # some (it decides what is trained, as it decides the adapter's modules); the base values are taken
+    # before the file's offsets are added, so the file written is always "base model + offset"
+    trained = {m: set(o) for m, o in existing.deltas.items()} if existing is not None else {}
+    if train_offsets:
+        for module, keys in offset_parameters(denoiser).items():
+            trained.setdefault(module, set()).update(keys)
+    offsets = Offsets.train(denoiser, trained)
+    params += offsets.parameters()
     if existing is not None:
+        _apply_offsets(denoiser, existing.deltas)
         layers = adapter_layers(denoiser)
         for name, tensors in existing.modules.items():
             algorithm.import_layer(layers[name], tensors)
@@ -173,7 +183,6 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    offsets = existing.deltas if existing is not None else {}
     return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
 
 
@@ -189,7 +198,7 @@ def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
 def _apply_offsets(model: torch.nn.Module, deltas: dict[str, dict[str, torch.Tensor]]) -> None:
     """Add a continued file's full offsets (ComfyUI's ``diff``/``diff_b`` on norms and biases) to the
     frozen weights, so training continues from the model the file describes."""
-    modules = dict(model.named_modules())
+    modules = base_modules(model)  # an adapted layer's bias lives on its base layer
     for name, offsets in deltas.items():
         module = modules[name]
         for key, attr in (("diff", "weight"), ("diff_b", "bias")):
@@ -287,10 +296,7 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     model.eval()
     family, dtype = run.loaded.family, _DTYPES[cfg.lora_dtype]
     with full_parameters(accelerator, denoiser):
-        lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
-    for name, offsets in run.offsets.items():  # unchanged: ComfyUI reads them under kohya names too
-        for key, tensor in family.file_tensors(name, offsets).items():
-            lora[key] = tensor.to(dtype).contiguous()
+        lora = export_lora(model, run, dtype)
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
     result = TrainResult(model, lora, loss_map, progress.total)
     if write_outputs and accelerator.is_main_process:
@@ -298,6 +304,16 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
+
+
+def export_lora(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors: the adapter, then the full offsets (ComfyUI reads them under the same names)."""
+    family = run.loaded.family
+    lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
+    for name, offsets in run.offsets.export().items():
+        for key, tensor in family.file_tensors(name, offsets).items():
+            lora[key] = tensor.to(dtype).contiguous()
+    return lora
 
 
 def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds) -> Path:
@@ -336,9 +352,12 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the frozen weights once (the adapter's trainable fp32 masters are left alone)."""
+    """Cast the frozen weights once (the adapter's trainable fp32 masters are left alone). Norm weights
+    and biases (1-D, a tiny share of the bytes) stay fp32: an adapted layer whose output comes out in
+    fp32 (LoHa/LoKr/OFT on a conv) feeds a GroupNorm, which on the CPU takes fp32 or bf16 input with
+    fp32 parameters but not fp32 input with bf16 parameters."""
     for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
+        if not p.requires_grad and p.is_floating_point() and p.ndim >= 2:
             p.data = p.data.to(dtype)
 
 
