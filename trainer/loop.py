@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from .adapters import adapter_layers, attach_adapter, export_adapter, get_algori
 from .adapters.targets import Offsets, base_modules, offset_parameters, resolve_targets
 from .checkpoint import Progress
 from .config import TrainConfig
-from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
+from .data import StepBatchSampler, TrainingData, build_dataloader, fitted_batch_size, open_dataset
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
 from .losses import get_loss
@@ -79,6 +80,9 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
     started = time.perf_counter()
     accelerator = _make_accelerator(cfg)
     run = setup(cfg, accelerator, model, latents, positive)
+    batch_size = fitted_batch_size(cfg.batch_size, run.data.buckets, accelerator.num_processes)
+    if batch_size != cfg.batch_size:  # the files' metadata record the batch size trained with
+        cfg = run.cfg = dataclasses.replace(cfg, batch_size=batch_size)
     family, progress = run.loaded.family, run.progress
     objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
     loss_fn = get_loss(cfg.loss_function)
