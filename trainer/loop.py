@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, comfy_inputs
 from .adapters import adapter_layers, attach_adapter, export_adapter, get_algorithm
 from .adapters.targets import Offsets, base_modules, offset_parameters, resolve_targets
 from .checkpoint import Progress
@@ -148,10 +148,15 @@ def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: An
 def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, positive: Any) -> Run:
     """Load the model and data, attach the adapter (fresh or from ``existing_lora``)."""
     # open the dataset first: a wrong path fails in a second, not after loading a large model
-    dataset = open_dataset(cfg.latents if latents is None else latents, "--latents")
+    node_latent = comfy_inputs.is_latent(latents)  # ComfyUI's LATENT: scaled by the family's format
+    dataset = None if node_latent else open_dataset(cfg.latents if latents is None else latents, "--latents")
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config)
     family, denoiser = loaded.family, loaded.denoiser
+    if node_latent:
+        dataset = comfy_inputs.latents_dataset(latents, family.name)
+    if comfy_inputs.is_conditioning(positive):
+        positive = comfy_inputs.conditioning_columns(positive, family, len(dataset))
     data = TrainingData(dataset, cfg.positive if positive is None else positive, family, denoiser)
     targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser)
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
