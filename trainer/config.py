@@ -110,6 +110,13 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _param(None, "'latest' or a checkpoint folder: continue that run "
                                                 "exactly (--steps counts the whole run)")
 
+    # --- ComfyUI node compatibility (issue 13) ---
+    file_layout: str = _param("auto", "LoRA file layout. auto: the family's layout that diffusers, ComfyUI and "
+                              "kohya tools load (lora.safetensors); comfyui: the Train LoRA node's own keys "
+                              "(diffusion_model.<ComfyUI module>, alpha folded into the weights) and file name "
+                              "<output_name>_<steps>_steps_00001_.safetensors, which the node can continue",
+                              choices=("auto", "comfyui"))
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))

@@ -71,6 +71,8 @@ class Run:
     progress: Progress
     #: the node's full offsets (``diff``/``diff_b``) trained in this run, written beside the adapter
     offsets: Offsets
+    #: ``--file_layout comfyui``: ranks of the parts of each fused adapter written (file metadata)
+    fused_ranks: dict[str, list[int]] | None = None
 
 
 def train(cfg: TrainConfig, model: Any = None, latents: Any = None, positive: Any = None,
@@ -187,12 +189,15 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
             algorithm.import_layer(layers[name], tensors)
         logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
                     algorithm_name, len(existing.modules), existing.steps)
+    run = Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
+    if cfg.file_layout == "comfyui":
+        comfyui_state(denoiser, run, torch.float32)  # a layer ComfyUI cannot hold fails now, not after training
     if cfg.training_dtype == "bf16":
         _cast_frozen(denoiser, torch.bfloat16)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
+    return run
 
 
 def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
@@ -318,6 +323,8 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
 def export_lora(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The file's tensors: the adapter, then the full offsets (ComfyUI reads them under the same names)."""
     family = run.loaded.family
+    if run.cfg.file_layout == "comfyui":
+        return comfyui_state(model, run, dtype)
     lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
     for name, offsets in run.offsets.export().items():
         for key, tensor in family.file_tensors(name, offsets).items():
@@ -325,10 +332,27 @@ def export_lora(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return lora
 
 
+def comfyui_state(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter and offsets in the Train LoRA node's own layout (:mod:`trainer.adapters.comfyui`)."""
+    from .adapters.comfyui import to_comfyui
+
+    modules = {name: {k: t.detach().to("cpu", torch.float32) for k, t in run.algorithm.export_layer(layer).items()}
+               for name, layer in adapter_layers(model).items()}
+    names = run.loaded.family.comfyui_names(model)
+    rows = {name: module.weight.shape[0] for name, module in base_modules(model).items() if name in names
+            and isinstance(getattr(module, "weight", None), torch.Tensor)}
+    state, run.fused_ranks = to_comfyui(modules, run.offsets.export(), run.algorithm.name, names, rows)
+    return {k: t.to(torch.float32 if k.endswith(".alpha") else dtype).contiguous() for k, t in state.items()}
+
+
 def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds) -> Path:
     cfg, family, algorithm, steps = run.cfg, run.loaded.family, run.algorithm, run.progress.total
     out = Path(cfg.output_dir)
     lora_path = out / f"{cfg.output_name}.safetensors"
+    if cfg.file_layout == "comfyui":  # the node reads the step count from the file name only
+        from .adapters.comfyui import file_name
+
+        lora_path = out / file_name(cfg.output_name, steps)
     metadata = {
         "ss_steps": str(steps),
         "ss_network_dim": str(run.rank),
@@ -344,6 +368,11 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
         "trainer_config": cfg.to_json(),
         **family.file_metadata(lora, run.rank, run.alpha),
     }
+    if cfg.file_layout == "comfyui":  # alpha / rank lives in the weights; every alpha tensor is 1
+        from .adapters.comfyui import FUSED_RANKS
+
+        metadata.update({"ss_network_alpha": "1.0", "trainer_file_layout": "comfyui",
+                         FUSED_RANKS: json.dumps(run.fused_ranks)})
     save_adapter_file(lora_path, lora, metadata)
     write_json(out / "loss.json", loss_map)
     plot_loss(out / "loss.png", loss_map["step"], loss_map["loss"],

@@ -94,6 +94,11 @@ class StableDiffusionXL(ModelFamily):
     def base_model_version(self, model):
         return "sdxl_base_v1-0"  # kohya's value for SDXL base and its fine-tunes
 
+    def comfyui_names(self, model):
+        from .sd import unet_comfyui_names
+
+        return unet_comfyui_names(model)
+
     def file_tensors(self, module, tensors):
         # diffusers' kohya converter turns lora_unet_add_embedding_linear_1 into "add.embedding..." and
         # drops it; it maps the LDM name label_emb.0.0 (kohya's own SDXL spelling) to add_embedding.
