@@ -157,3 +157,49 @@ def test_merged_model_keeps_the_offsets(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(*unet_inputs()).sample, res.model_with_lora(*unet_inputs()).sample,
                                    atol=1e-5, rtol=1e-5)
+
+
+def _pipeline(family):
+    from conftest import make_pipeline
+    from test_families import tiny_pipeline
+
+    return make_pipeline() if family == "sd" else tiny_pipeline(family)
+
+
+def _loaded_output(family, path):
+    pipe = _pipeline(family)
+    pipe.load_lora_weights(str(path))
+    model = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
+    if family == "sd":
+        with torch.no_grad():
+            return model(*unet_inputs()).sample
+    return denoiser_output(family, model)
+
+
+@pytest.mark.parametrize("family", BUILDERS)
+def test_what_diffusers_does_with_node_files(family, tmp_path):
+    """Measured for the README's loader matrix: diffusers' SD/SDXL (kohya) loader refuses a file holding
+    diff/diff_b; its SD3 and Flux loaders load the adapter and silently ignore the offsets."""
+    from safetensors.torch import load_file, save_file
+
+    res = train_lora(BUILDERS[family](), data(family), target_modules="node", learning_rate=1e-2,
+                     output_dir=str(tmp_path), **FAST)
+    if family in ("sd", "sdxl"):
+        with pytest.raises(ValueError, match="not been correctly renamed"):
+            _pipeline(family).load_lora_weights(str(res.lora_path))
+        return
+    adapter_only = tmp_path / "adapter_only.safetensors"
+    save_file({k: v for k, v in load_file(str(res.lora_path)).items() if not k.endswith((".diff", ".diff_b"))},
+              adapter_only)
+    with_offsets = _loaded_output(family, res.lora_path)
+    torch.testing.assert_close(with_offsets, _loaded_output(family, adapter_only), atol=0, rtol=0)
+    trained = res.model_with_lora
+    full = output_of(family, trained)
+    assert (with_offsets - full).abs().max() > 1e-3  # the offsets' effect is missing
+
+
+def output_of(family, model):
+    if family == "sd":
+        with torch.no_grad():
+            return model(*unet_inputs()).sample
+    return denoiser_output(family, model)
