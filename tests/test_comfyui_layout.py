@@ -93,6 +93,7 @@ def comfyui_merge(family, lora):
     for key, tensor in lora.items():
         rest = key.removeprefix("diffusion_model.")
         for suffix in ("lora_up.weight", "lora_down.weight", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+                       "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "oft_blocks",
                        "alpha", "scale.diff", "diff_b", "diff"):
             if rest.endswith("." + suffix):
                 groups[rest[: -len(suffix) - 1]][suffix] = tensor.float()
@@ -112,6 +113,11 @@ def comfyui_merge(family, lora):
                 rank = t["hada_w1_b"].shape[0]
                 weight_delta = float(t["alpha"]) / rank * ((t["hada_w1_a"] @ t["hada_w1_b"]) *
                                                             (t["hada_w2_a"] @ t["hada_w2_b"]))
+            elif any(k.startswith(("lokr_", "oft_")) for k in t):  # unfused layers only (SD, SDXL)
+                from test_algorithms import reference_delta
+
+                weight = modules[members[0]].weight
+                weight_delta = reference_delta({k: v for k, v in t.items() if "diff" not in k}, weight)
             for key, attr in (("diff", "weight"), ("scale.diff", "weight"), ("diff_b", "bias")):
                 if key in t:
                     assert len(members) == 1 or key == "diff_b"
@@ -132,8 +138,11 @@ def comfyui_merge(family, lora):
     return model
 
 
-@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa"])
-@pytest.mark.parametrize("family", BUILDERS)
+CASES = [(family, algorithm) for family in BUILDERS for algorithm in ("LoRA", "LoHa")]
+CASES += [(family, algorithm) for family in ("sd", "sdxl") for algorithm in ("LoKr", "OFT")]
+
+
+@pytest.mark.parametrize("family, algorithm", CASES)
 def test_file_means_what_comfyui_computes(trained, family, algorithm):
     res = trained(family, algorithm)
     expected = output(family, res.model_with_lora)

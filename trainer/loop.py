@@ -190,6 +190,15 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
                     algorithm_name, len(existing.modules), existing.steps)
     run = Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
+    if cfg.file_layout == "auto" and (offsets.params or algorithm.name == "OFT"):
+        from .adapters.comfyui import warn_loader_limits
+
+        try:
+            names = family.comfyui_names(denoiser)
+        except TrainerError:
+            names = {}  # a family ComfyUI's names are not known for: nothing to warn about
+        warn_loader_limits(names, list(adapter_layers(denoiser)),
+                           [m for m, o in offsets.params.items() if "diff_b" in o], algorithm.name)
     if cfg.file_layout == "comfyui":
         comfyui_state(denoiser, run, torch.float32)  # a layer ComfyUI cannot hold fails now, not after training
     if cfg.training_dtype == "bf16":

@@ -110,7 +110,8 @@ def _fold(algorithm: str, tensors: dict[str, torch.Tensor], file_rank: int) -> d
 
 
 def _rank(tensors: dict[str, torch.Tensor]) -> int:
-    for name in _RANK_TENSORS:
+    """The rank the loaders divide alpha by (LoKr: of its decomposed factor; 1 for full-matrix LoKr, OFT)."""
+    for name in (*_RANK_TENSORS, "lokr_w2_b", "lokr_w1_b"):
         if name in tensors:
             return tensors[name].shape[0]
     return 1
@@ -285,5 +286,17 @@ def _split(target, group, members, names, out_rows, ranks=None) -> dict[str, tor
     return out
 
 
-def is_node_file_name(stem: str) -> bool:
-    return bool(_FILE_NAME.search(stem))
+def warn_loader_limits(names: dict[str, ComfyPart], adapted: list[str], offsets: list[str], algorithm: str) -> None:
+    """Say before training where ComfyUI's loader will not reproduce a default-layout file (measured with
+    its code): it drops the bias offsets of layers it fuses or stores swapped (SD3, Flux), and it applies
+    OFT to a swapped layer in its own row order."""
+    lost = [m for m in offsets if m in names and (names[m].start is not None or names[m].swap)]
+    if lost:
+        logger.warning("ComfyUI's LoRA loader drops the bias offsets (diff_b) of %d layers it fuses or swaps (e.g. %s) "
+                       "when they are written under diffusers names; for ComfyUI use --file_layout comfyui",
+                       len(lost), lost[0])
+    swapped = [m for m in adapted if m in names and names[m].swap]
+    if algorithm == "OFT" and swapped:
+        logger.warning("ComfyUI applies OFT on %s in its own (shift, scale) row order, which is not what was trained; "
+                       "for ComfyUI leave these layers out of --target_modules or use another algorithm",
+                       ", ".join(swapped))
