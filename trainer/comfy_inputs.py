@@ -20,6 +20,7 @@ import torch
 
 from .errors import TrainerError
 
+
 def is_latent(value: Any) -> bool:
     """Whether ``value`` is a ComfyUI LATENT (a dict holding a ``samples`` tensor)."""
     return isinstance(value, dict) and isinstance(value.get("samples"), torch.Tensor)

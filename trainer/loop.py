@@ -173,14 +173,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         progress.base = existing.steps
     algorithm = get_algorithm(algorithm_name)
     params = attach_adapter(denoiser, algorithm, seed=cfg.seed, **attach)
-    # the node's full offsets are trained under --target_modules node and whenever the continued file has
-    # some (it decides what is trained, as it decides the adapter's modules); the base values are taken
-    # before the file's offsets are added, so the file written is always "base model + offset"
-    trained = {m: set(o) for m, o in existing.deltas.items()} if existing is not None else {}
-    if train_offsets:
-        for module, keys in offset_parameters(denoiser).items():
-            trained.setdefault(module, set()).update(keys)
-    offsets = Offsets.train(denoiser, trained)
+    offsets = _train_offsets(denoiser, train_offsets, existing.deltas if existing is not None else {})
     params += offsets.parameters()
     if existing is not None:
         _apply_offsets(denoiser, existing.deltas)
@@ -190,23 +183,42 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
                     algorithm_name, len(existing.modules), existing.steps)
     run = Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
-    if cfg.file_layout == "auto" and (offsets.params or algorithm.name == "OFT"):
-        from .adapters.comfyui import warn_loader_limits
-
-        try:
-            names = family.comfyui_names(denoiser)
-        except TrainerError:
-            names = {}  # a family ComfyUI's names are not known for: nothing to warn about
-        warn_loader_limits(names, list(adapter_layers(denoiser)),
-                           [m for m, o in offsets.params.items() if "diff_b" in o], algorithm.name)
-    if cfg.file_layout == "comfyui":
-        comfyui_state(denoiser, run, torch.float32)  # a layer ComfyUI cannot hold fails now, not after training
+    _check_file_layout(run, denoiser)
     if cfg.training_dtype == "bf16":
         _cast_frozen(denoiser, torch.bfloat16)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
     return run
+
+
+def _train_offsets(model: torch.nn.Module, node: bool, file_offsets: dict[str, dict]) -> Offsets:
+    """Make the node's full offsets trainable: every one under ``--target_modules node``, and those of a
+    continued file (it decides what is trained, as it decides the adapter's modules). Called before the
+    file's offsets are added, so what is written is always "base model + offset"."""
+    trained = {module: set(keys) for module, keys in file_offsets.items()}
+    if node:
+        for module, keys in offset_parameters(model).items():
+            trained.setdefault(module, set()).update(keys)
+    return Offsets.train(model, trained)
+
+
+def _check_file_layout(run: Run, model: torch.nn.Module) -> None:
+    """Before training: refuse what ``--file_layout comfyui`` cannot write, and say where ComfyUI's loader
+    will not reproduce a default-layout file."""
+    family, offsets, algorithm = run.loaded.family, run.offsets, run.algorithm
+    if run.cfg.file_layout == "comfyui":
+        comfyui_state(model, run, torch.float32)  # raises for a layer ComfyUI's layout cannot hold
+        return
+    if offsets.params or algorithm.name == "OFT":
+        from .adapters.comfyui import warn_loader_limits
+
+        try:
+            names = family.comfyui_names(model)
+        except TrainerError:
+            return  # a family whose ComfyUI names are not known: nothing to compare with
+        warn_loader_limits(names, list(adapter_layers(model)),
+                           [m for m, o in offsets.params.items() if "diff_b" in o], algorithm.name)
 
 
 def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
@@ -317,7 +329,7 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     cfg, progress = run.cfg, run.progress
     model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
     model.eval()
-    family, dtype = run.loaded.family, _DTYPES[cfg.lora_dtype]
+    dtype = _DTYPES[cfg.lora_dtype]
     with full_parameters(accelerator, denoiser):
         lora = export_lora(model, run, dtype)
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
@@ -331,9 +343,9 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
 
 def export_lora(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The file's tensors: the adapter, then the full offsets (ComfyUI reads them under the same names)."""
-    family = run.loaded.family
     if run.cfg.file_layout == "comfyui":
         return comfyui_state(model, run, dtype)
+    family = run.loaded.family
     lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
     for name, offsets in run.offsets.export().items():
         for key, tensor in family.file_tensors(name, offsets).items():

@@ -23,7 +23,6 @@ swapped exactly and are refused on those layers.
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -40,7 +39,6 @@ FUSED_RANKS = "trainer_comfyui_fused_ranks"
 #: tensors whose first dimension is the adapter rank (concatenated when fusing)
 _ROW_TENSORS = ("lora_up.weight", "hada_w1_a", "hada_w2_a")
 _RANK_TENSORS = ("lora_down.weight", "hada_w1_b", "hada_w2_b")
-_FILE_NAME = re.compile(r"_\d+_steps_\d+_$")
 
 
 @dataclass(frozen=True)

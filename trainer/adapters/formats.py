@@ -4,8 +4,9 @@ Formats: this trainer's own files and kohya / A1111 (``lora_unet_<module with _>
 ``ss_*`` metadata), LyCORIS tensors (``hada_*``, ``lokr_*``, ``oft_blocks``) under kohya or
 ``lycoris_`` names, diffusers / PEFT (``unet.`` / ``transformer.`` / ``base_model.model.`` / no
 prefix, ``lora_A``/``lora_B`` or the older ``lora.down``/``lora.up``, alpha in
-``lora_adapter_metadata``), ComfyUI's Train LoRA node (``diffusion_model.<LDM module>``, steps in
-the file name), SimpleTuner (``training_state.json`` beside the file) and ai-toolkit
+``lora_adapter_metadata``), ComfyUI's Train LoRA node (``diffusion_model.<ComfyUI module>``: LDM UNet
+names, MMDiT/Flux names whose fused projections are split back, see :mod:`.comfyui`; steps in the
+file name), SimpleTuner (``training_state.json`` beside the file) and ai-toolkit
 (``training_info`` metadata).
 
 Choices where the formats are silent or ambiguous:
