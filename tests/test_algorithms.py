@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
             algorithm, rank, alpha, _ = CASES[case]
             out = tmp_path_factory.mktemp(case)
             cache[case] = train_lora("demo", make_dataset(), algorithm=algorithm, rank=rank, alpha=alpha,
-                                     learning_rate=1e-2, output_dir=str(out), **FAST)
+                                     learning_rate=1e-2, output_dir=str(out), target_modules="attention", **FAST)
         return cache[case]
 
     return get
@@ -227,7 +227,10 @@ def test_trains_with_every_precision_and_optimizer(algorithm, optimizer, trainin
     assert all(math.isfinite(v) for v in res.loss["loss"])
     dtype = torch.bfloat16 if lora_dtype == "bf16" else torch.float32
     assert {t.dtype for k, t in res.lora.items() if not k.endswith("alpha")} == {dtype}
-    assert all(t[ZERO_INIT[algorithm]].abs().max() > 0 for t in by_module(res.lora).values())
+    # every layer learns, but OFT blocks of size 1 (4 output channels at rank 4: conv_out) have no rotation
+    modules = {m: t for m, t in by_module(res.lora).items() if t[ZERO_INIT[algorithm]].shape[-1] > 1 or
+               algorithm != "OFT"}
+    assert len(modules) >= 82 and all(t[ZERO_INIT[algorithm]].abs().max() > 0 for t in modules.values())
 
 
 def test_import_rejects_tensors_that_do_not_fit():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -165,9 +167,33 @@ def test_sampler_reshuffles_each_epoch_and_resumes_mid_stream():
     assert tail == whole[10:]
 
 
+def test_batch_larger_than_the_data_is_clamped_in_one_process(caplog, tmp_path):
+    """As ComfyUI's node: batch_size 4 on 3 rows trains with batch 3 (with a warning), the same run as
+    batch_size 3."""
+    import json
+
+    with caplog.at_level(logging.WARNING):
+        clamped = train_lora("demo", make_dataset(rows=3), batch_size=4, output_dir=str(tmp_path), **FAST)
+    assert "training with batch_size 3" in caplog.text
+    same = train_lora("demo", make_dataset(rows=3), batch_size=3, **FAST)
+    assert clamped.loss == same.loss
+    from safetensors import safe_open
+
+    with safe_open(str(clamped.lora_path), "pt") as f:
+        assert json.loads(f.metadata()["trainer_config"])["batch_size"] == 3
+
+
 def test_global_batch_larger_than_dataset_is_an_error():
+    # accumulation: the optimizer step would need 2 x 2 different rows out of 3
     with pytest.raises(TrainerError, match="larger than the dataset"):
-        train_lora("demo", make_dataset(rows=3), batch_size=4, **FAST)
+        train_lora("demo", make_dataset(rows=3), batch_size=2, grad_accumulation_steps=2, **FAST)
+
+
+def test_several_processes_never_clamp():
+    from trainer.data import fitted_batch_size
+
+    assert fitted_batch_size(4, [[0, 1, 2]], num_processes=1) == 3
+    assert fitted_batch_size(4, [[0, 1, 2]], num_processes=2) == 4  # the sampler then names the problem
 
 
 def test_rows_with_a_leading_batch_dimension_of_one_are_read_as_rows():

@@ -36,8 +36,9 @@ INPUTS = unet_inputs(batch=1)
 def trained(tmp_path_factory):
     """A trained adapter: the trainer's file, its in-memory model, and its tensors by module path."""
     out = tmp_path_factory.mktemp("trained")
+    # the attention projections: Linear layers only, which every format below can spell
     res = train_lora("demo", make_dataset(), rank=RANK, alpha=ALPHA, learning_rate=1e-2, output_dir=str(out),
-                     **FAST)
+                     target_modules="attention", **FAST)
     layers = {name: (layer.lora_A["default"].weight.detach().clone(),
                      layer.lora_B["default"].weight.detach().clone())
               for name, layer in adapter_layers(res.model_with_lora).items()}

@@ -51,7 +51,8 @@ def test_checkpoints_total_limit_keeps_the_newest(tmp_path):
     saved = (tmp_path / "checkpoints" / "step-00000004")
     assert json.loads((saved / "progress.json").read_text())["done"] == 4
     # only the adapter is saved, never the frozen model
-    assert not list(saved.glob("model*.safetensors")) and (saved / "adapter.safetensors").stat().st_size < 200_000
+    # (the demo UNet's weights take 3.2 MB in fp32; the rank-8 adapter on its 83 layers 0.63 MB)
+    assert not list(saved.glob("model*.safetensors")) and (saved / "adapter.safetensors").stat().st_size < 800_000
 
 
 def test_resume_latest_without_checkpoints_starts_fresh_and_bad_path_is_an_error(tmp_path):

@@ -12,8 +12,11 @@ def train_lora(model: Any = "demo", latents: Any = "demo", positive: Any = None,
                write_outputs: bool | None = None, handle_signals: bool = False, **params: Any) -> TrainResult:
     """Train an adapter and return ``model_with_lora``, ``lora``, ``loss`` and ``steps``.
 
-    ``model`` is a path (see ``--model``), a diffusers model or pipeline; ``latents`` a path or a
-    ``datasets.Dataset``; ``positive`` a path, dataset, tensor or dict of tensors. ``params`` are
+    ``model`` is a path (see ``--model``), a diffusers model or pipeline; ``latents`` a path, a
+    ``datasets.Dataset`` or ComfyUI's LATENT (``{"samples": [N, C, H, W]}``, raw VAE latents, scaled
+    with the family's latent format as ComfyUI does); ``positive`` a path, dataset, tensor, dict of
+    tensors or ComfyUI's CONDITIONING (``[[cond, {"pooled_output": ...}], ...]``, 1 entry or one per
+    latent): the node's own inputs. ``params`` are
     the parameters of ``train.py --help``. Files are written only when ``output_dir`` is given
     (or ``write_outputs=True``). Signal handlers are the caller's: Ctrl-C raises KeyboardInterrupt as
     usual; ``handle_signals=True`` makes SIGTERM/SIGINT save a checkpoint and return early instead (as

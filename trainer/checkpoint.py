@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
 ADAPTER_FILE = "adapter.safetensors"
+OFFSETS_FILE = "offsets.safetensors"
 
 
 @dataclass
@@ -67,8 +68,9 @@ class Progress:
         return self.base + self.done
 
 
-def register_adapter_hooks(accelerator, progress: Progress) -> None:
-    """Make ``save_state``/``load_state`` store the adapter and the progress instead of the whole model."""
+def register_adapter_hooks(accelerator, progress: Progress, offsets=None) -> None:
+    """Make ``save_state``/``load_state`` store the adapter, the trained full offsets (an
+    :class:`~trainer.adapters.targets.Offsets`, if any) and the progress instead of the whole model."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
@@ -83,6 +85,9 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
                      for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
             with atomic_path(Path(output_dir, ADAPTER_FILE)) as tmp:
                 save_file(state, str(tmp))
+            if offsets is not None and offsets.params:
+                with atomic_path(Path(output_dir, OFFSETS_FILE)) as tmp:
+                    save_file(offsets.state_dict(), str(tmp))
         weights.clear()  # nothing else of the model: its frozen weights are the base model's
 
     def load_hook(models, input_dir):
@@ -99,6 +104,8 @@ def register_adapter_hooks(accelerator, progress: Progress) -> None:
         if getattr(result, "unexpected_keys", None):
             raise TrainerError(f"--resume_from_checkpoint: {input_dir} holds an adapter for other modules "
                                f"({result.unexpected_keys[:3]}...)")
+        if offsets is not None and offsets.params:
+            offsets.load_state_dict(load_file(os.path.join(input_dir, OFFSETS_FILE)))
         models.clear()  # the adapter is loaded; accelerate must not look for a full model file
 
     accelerator.register_save_state_pre_hook(save_hook)

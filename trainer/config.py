@@ -71,8 +71,12 @@ class TrainConfig:
     alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0; "
                                  "none = rank, a scale of 1); for OFT the norm constraint (0 = none; "
                                  "LoRA/LoHa/LoKr need alpha > 0)", range=(0.0, 1e6))
-    target_modules: str | None = _param(None, "comma-separated module names to adapt (suffix match); "
-                                        "default: the model family's attention projections")
+    target_modules: str = _param("all", "what to train. all: an adapter on every Linear/Conv layer (the "
+                                 "node's layers; loads in diffusers and ComfyUI); node: all plus full offsets "
+                                 "of every norm weight and bias (.diff/.diff_b), exactly what the node trains "
+                                 "(loads in ComfyUI and this trainer, not in diffusers); attention: the "
+                                 "family's attention projections; or comma-separated module names (suffix "
+                                 "match)")
     output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json", identity=False)
     output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter: a plain name, "
                               "no folder", identity=False)
@@ -155,6 +159,13 @@ class TrainConfig:
     eval_every: int | None = _param(None, "also compute the held-out loss every N optimizer steps (it is always "
                                     "computed before the first and after the last step)", range=(1, 100000),
                                     identity=False)
+
+    # --- ComfyUI node compatibility (issue 13) ---
+    file_layout: str = _param("auto", "LoRA file layout. auto: the family's layout that diffusers, ComfyUI and "
+                              "kohya tools load (lora.safetensors); comfyui: the Train LoRA node's own keys "
+                              "(diffusion_model.<ComfyUI module>, alpha folded into the weights) and file name "
+                              "<output_name>_<steps>_steps_00001_.safetensors, which the node can continue",
+                              choices=("auto", "comfyui"), identity=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -469,6 +469,19 @@ def mix_seed(*values: int) -> int:
     return h
 
 
+def fitted_batch_size(batch_size: int, buckets: list[list[int]], num_processes: int) -> int:
+    """``batch_size``, lowered to the number of rows (of the largest latent shape) with a warning when
+    it is larger, as ComfyUI's node clamps it to the number of latents. Only for one process: with
+    several, each must get different rows, and the sampler's error says what to change."""
+    rows = max(len(bucket) for bucket in buckets)
+    if num_processes > 1 or batch_size <= rows:
+        return batch_size
+    logger.warning("batch_size %d is larger than the %d rows %s; training with batch_size %d (as ComfyUI's node "
+                   "does)", batch_size, rows, "of the dataset" if len(buckets) == 1 else "of its largest latent "
+                   "shape", rows)
+    return rows
+
+
 class StepBatchSampler:
     """Micro-batches of ``(stream position, row)`` pairs in global order.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -21,11 +22,12 @@ from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, comfy_inputs
 from .adapters import adapter_layers, attach_adapter, export_adapter, get_algorithm
+from .adapters.targets import Offsets, base_modules, offset_parameters, resolve_targets
 from .checkpoint import Progress
 from .config import TrainConfig
-from .data import StepBatchSampler, TrainingData, build_dataloader, open_dataset
+from .data import StepBatchSampler, TrainingData, build_dataloader, fitted_batch_size, open_dataset
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
 from .evaluation import HeldOutLoss, hold_out, open_eval_set
@@ -76,8 +78,10 @@ class Run:
     rank: int
     alpha: float
     progress: Progress
-    #: full offsets of a continued file (module path -> {"diff", "diff_b"}), carried into the output
-    offsets: dict[str, dict[str, torch.Tensor]]
+    #: the node's full offsets (``diff``/``diff_b``) trained in this run, written beside the adapter
+    offsets: Offsets
+    #: ``--file_layout comfyui``: ranks of the parts of each fused adapter written (file metadata)
+    fused_ranks: dict[str, list[int]] | None = None
     #: output_dir as this run's own (rundir.RunFolder), set once resuming is decided
     folder: Any = None
     #: sample images while training (sampling.PromptSampler), or None
@@ -113,6 +117,10 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
            write_outputs: bool, handle_signals: bool, writes: bool) -> TrainResult:
     started = time.perf_counter()
     run = setup(cfg, accelerator, model, latents, positive)
+    if not cfg.streaming:  # a stream's length is unknown: its batch size is taken as given
+        batch_size = fitted_batch_size(cfg.batch_size, run.data.buckets, accelerator.num_processes)
+        if batch_size != cfg.batch_size:  # the files' metadata record the batch size trained with
+            cfg = run.cfg = dataclasses.replace(cfg, batch_size=batch_size)
     if writes and accelerator.is_main_process:  # the adapter's size is known now
         check_room(cfg.output_dir, *_output_bytes(cfg, run, handle_signals))
     family, progress = run.loaded.family, run.progress
@@ -120,7 +128,7 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
     objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
     loss_fn = get_loss(cfg.loss_function)
     optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
-    checkpoint.register_adapter_hooks(accelerator, progress)
+    checkpoint.register_adapter_hooks(accelerator, progress, run.offsets)
     denoiser, optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
     stream = streaming_batches(cfg, run.data, accelerator) if cfg.streaming else None  # before load_state
     resume = checkpoint.resume(accelerator, cfg.resume_from_checkpoint, cfg.output_dir, progress, run.params,
@@ -278,15 +286,22 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     # open the datasets and read the prompts first: a wrong path fails in a second, not after loading a
     # large model
     check_config(cfg)
+    node_latent = comfy_inputs.is_latent(latents)  # ComfyUI's LATENT: scaled by the family's format
+    if node_latent and cfg.streaming:
+        raise TrainerError("--streaming reads --latents from files; a LATENT dict is already in memory")
     source = cfg.latents if latents is None else latents
-    dataset = open_stream(source) if cfg.streaming else open_dataset(source, "--latents")
+    dataset = None if node_latent else open_stream(source) if cfg.streaming else open_dataset(source, "--latents")
     eval_dataset = open_dataset(cfg.eval_latents, "--eval_latents") if cfg.eval_latents is not None else None
     prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts is not None else None
     sample_size = parse_size(cfg.sample_size)
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
                         cfg.model_config, dtype=_DTYPES[cfg.training_dtype], weight_dtype=cfg.weight_dtype)
     family, denoiser = loaded.family, loaded.denoiser
+    if node_latent:
+        dataset = comfy_inputs.latents_dataset(latents, family.name)
     positive = cfg.positive if positive is None else positive
+    if comfy_inputs.is_conditioning(positive):
+        positive = comfy_inputs.conditioning_columns(positive, family, len(dataset))
     data = (StreamData if cfg.streaming else TrainingData)(dataset, positive, family, denoiser)
     held_out = None
     if eval_dataset is not None:
@@ -294,7 +309,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         held_out = HeldOutLoss(eval_data, list(range(eval_data.num_rows)))
     elif cfg.eval_fraction:
         held_out = HeldOutLoss(data, hold_out(data, cfg.eval_fraction, cfg.seed))
-    targets = [t.strip() for t in (cfg.target_modules or ",".join(family.default_targets)).split(",") if t.strip()]
+    targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser)
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()
     if cfg.existing_lora is not None:
@@ -304,11 +319,13 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         attach = existing.attach_arguments()
         algorithm_name = existing.algorithm
         _report_overrides(cfg, algorithm_name, attach)
-        _apply_offsets(denoiser, existing.deltas)
         progress.base = existing.steps
     algorithm = get_algorithm(algorithm_name)
     params = attach_adapter(denoiser, algorithm, seed=cfg.seed, **attach)
+    offsets = _train_offsets(denoiser, train_offsets, existing.deltas if existing is not None else {})
+    params += offsets.parameters()
     if existing is not None:
+        _apply_offsets(denoiser, existing.deltas)
         layers = adapter_layers(denoiser)
         for name, tensors in existing.modules.items():
             try:
@@ -319,18 +336,47 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         params = [p for p in denoiser.parameters() if p.requires_grad]
         logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
                     algorithm_name, len(existing.modules), existing.steps)
+    run = Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
+    _check_file_layout(run, denoiser)
     if cfg.training_dtype == "bf16":
         _cast_frozen(denoiser, torch.bfloat16)
     if cfg.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    offsets = existing.deltas if existing is not None else {}
-    sampler = None
+    run.held_out = held_out
     if prompts is not None:
         sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
-        sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
-    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets, sampler,
-               held_out)
+        run.sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
+    return run
+
+
+def _train_offsets(model: torch.nn.Module, node: bool, file_offsets: dict[str, dict]) -> Offsets:
+    """Make the node's full offsets trainable: every one under ``--target_modules node``, and those of a
+    continued file (it decides what is trained, as it decides the adapter's modules). Called before the
+    file's offsets are added, so what is written is always "base model + offset"."""
+    trained = {module: set(keys) for module, keys in file_offsets.items()}
+    if node:
+        for module, keys in offset_parameters(model).items():
+            trained.setdefault(module, set()).update(keys)
+    return Offsets.train(model, trained)
+
+
+def _check_file_layout(run: Run, model: torch.nn.Module) -> None:
+    """Before training: refuse what ``--file_layout comfyui`` cannot write, and say where ComfyUI's loader
+    will not reproduce a default-layout file."""
+    family, offsets, algorithm = run.loaded.family, run.offsets, run.algorithm
+    if run.cfg.file_layout == "comfyui":
+        comfyui_state(model, run, torch.float32)  # raises for a layer ComfyUI's layout cannot hold
+        return
+    if offsets.params or algorithm.name == "OFT":
+        from .adapters.comfyui import warn_loader_limits
+
+        try:
+            names = family.comfyui_names(model)
+        except TrainerError:
+            return  # a family whose ComfyUI names are not known: nothing to compare with
+        warn_loader_limits(names, list(adapter_layers(model)),
+                           [m for m, o in offsets.params.items() if "diff_b" in o], algorithm.name)
 
 
 def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
@@ -345,7 +391,7 @@ def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
 def _apply_offsets(model: torch.nn.Module, deltas: dict[str, dict[str, torch.Tensor]]) -> None:
     """Add a continued file's full offsets (ComfyUI's ``diff``/``diff_b`` on norms and biases) to the
     frozen weights, so training continues from the model the file describes."""
-    modules = dict(model.named_modules())
+    modules = base_modules(model)  # an adapted layer's bias lives on its base layer
     for name, offsets in deltas.items():
         module = modules[name]
         for key, attr in (("diff", "weight"), ("diff_b", "bias")):
@@ -445,12 +491,9 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     cfg, progress = run.cfg, run.progress
     model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
     model.eval()
-    family, dtype = run.loaded.family, _DTYPES[cfg.lora_dtype]
+    dtype = _DTYPES[cfg.lora_dtype]
     with full_parameters(accelerator, denoiser):
-        lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
-    for name, offsets in run.offsets.items():  # unchanged: ComfyUI reads them under kohya names too
-        for key, tensor in family.file_tensors(name, offsets).items():
-            lora[key] = tensor.to(dtype).contiguous()
+        lora = export_lora(model, run, dtype)
     loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
     if run.held_out is not None:
         loss_map.update(eval_loss=list(progress.eval_losses), eval_step=list(progress.eval_steps))
@@ -464,6 +507,31 @@ def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_sec
     return result
 
 
+def export_lora(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors: the adapter, then the full offsets (ComfyUI reads them under the same names)."""
+    if run.cfg.file_layout == "comfyui":
+        return comfyui_state(model, run, dtype)
+    family = run.loaded.family
+    lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
+    for name, offsets in run.offsets.export().items():
+        for key, tensor in family.file_tensors(name, offsets).items():
+            lora[key] = tensor.to(dtype).contiguous()
+    return lora
+
+
+def comfyui_state(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter and offsets in the Train LoRA node's own layout (:mod:`trainer.adapters.comfyui`)."""
+    from .adapters.comfyui import to_comfyui
+
+    modules = {name: {k: t.detach().to("cpu", torch.float32) for k, t in run.algorithm.export_layer(layer).items()}
+               for name, layer in adapter_layers(model).items()}
+    names = run.loaded.family.comfyui_names(model)
+    rows = {name: module.weight.shape[0] for name, module in base_modules(model).items() if name in names
+            and isinstance(getattr(module, "weight", None), torch.Tensor)}
+    state, run.fused_ranks = to_comfyui(modules, run.offsets.export(), run.algorithm.name, names, rows)
+    return {k: t.to(torch.float32 if k.endswith(".alpha") else dtype).contiguous() for k, t in state.items()}
+
+
 def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_seconds,
                       watch_seconds: float = 0.0) -> Path:
     """The adapter first (what matters most), then loss.json, loss.png, result.json, model_with_lora/.
@@ -472,6 +540,10 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
     cfg, algorithm, steps = run.cfg, run.algorithm, run.progress.total
     out = Path(cfg.output_dir)
     lora_path = out / f"{cfg.output_name}.safetensors"
+    if cfg.file_layout == "comfyui":  # the node reads the step count from the file name only
+        from .adapters.comfyui import file_name
+
+        lora_path = out / file_name(cfg.output_name, steps)
     metadata = adapter_metadata(run, model, lora)
     try:
         save_adapter_file(lora_path, lora, metadata)
@@ -505,7 +577,7 @@ def write_run_outputs(run: Run, model, lora, loss_map, samples_per_second, wall_
 def adapter_metadata(run: Run, model, lora: dict[str, torch.Tensor]) -> dict[str, str]:
     """The safetensors metadata of the adapter file (section 3 of the SPEC)."""
     cfg, family, algorithm = run.cfg, run.loaded.family, run.algorithm
-    return {
+    metadata = {
         "ss_steps": str(run.progress.total),
         "ss_network_dim": str(run.rank),
         "ss_network_alpha": str(run.alpha),
@@ -520,6 +592,12 @@ def adapter_metadata(run: Run, model, lora: dict[str, torch.Tensor]) -> dict[str
         "trainer_config": cfg.to_json(),
         **family.file_metadata(lora, run.rank, run.alpha),
     }
+    if cfg.file_layout == "comfyui":  # alpha / rank lives in the weights; every alpha tensor is 1
+        from .adapters.comfyui import FUSED_RANKS
+
+        metadata.update({"ss_network_alpha": "1.0", "trainer_file_layout": "comfyui",
+                         FUSED_RANKS: json.dumps(run.fused_ranks)})
+    return metadata
 
 
 def _rescue(run: Run, lora, metadata) -> str:
@@ -545,12 +623,19 @@ def _tracker_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the frozen weights of a model handed over as an object once (one read from a file is already
-    in the training dtype; the adapter's trainable fp32 masters, fp8-stored and quantized weights of
-    ``--weight_dtype`` are left alone)."""
+    """Cast the frozen weights once: a model handed over as an object is cast here (one read from a file
+    is already in the training dtype); the adapter's trainable fp32 masters, fp8-stored and quantized
+    weights of ``--weight_dtype`` are left alone. Norm weights and biases (1-D, a tiny share of the bytes) stay
+    fp32: an adapted layer whose output comes out in fp32 (LoHa/LoKr/OFT on a conv) feeds a GroupNorm,
+    which on the CPU takes fp32 or bf16 input with fp32 parameters but not fp32 input with bf16
+    parameters."""
     for p in model.parameters():
-        if not p.requires_grad and p.dtype in (torch.float32, torch.float16) and is_plain(p):
+        if p.requires_grad or not is_plain(p):
+            continue
+        if p.ndim >= 2 and p.dtype in (torch.float32, torch.float16):
             p.data = p.data.to(dtype)
+        elif p.ndim < 2 and p.dtype in (torch.bfloat16, torch.float16):  # read in the training dtype
+            p.data = p.data.float()
 
 
 def _make_accelerator(cfg: TrainConfig) -> Accelerator:

@@ -4,8 +4,9 @@ Formats: this trainer's own files and kohya / A1111 (``lora_unet_<module with _>
 ``ss_*`` metadata), LyCORIS tensors (``hada_*``, ``lokr_*``, ``oft_blocks``) under kohya or
 ``lycoris_`` names, diffusers / PEFT (``unet.`` / ``transformer.`` / ``base_model.model.`` / no
 prefix, ``lora_A``/``lora_B`` or the older ``lora.down``/``lora.up``, alpha in
-``lora_adapter_metadata``), ComfyUI's Train LoRA node (``diffusion_model.<LDM module>``, steps in
-the file name), SimpleTuner (``training_state.json`` beside the file) and ai-toolkit
+``lora_adapter_metadata``), ComfyUI's Train LoRA node (``diffusion_model.<ComfyUI module>``: LDM UNet
+names, MMDiT/Flux names whose fused projections are split back, see :mod:`.comfyui`; steps in the
+file name), SimpleTuner (``training_state.json`` beside the file) and ai-toolkit
 (``training_info`` metadata).
 
 Choices where the formats are silent or ambiguous:
@@ -156,6 +157,7 @@ def read_existing_adapter(path: str | Path, model: torch.nn.Module, family: Mode
     tensors, metadata = _load_safetensors(path)
     if not tensors:
         raise TrainerError(f"--existing_lora: {path} holds no tensors")
+    tensors = _from_comfyui_names(tensors, metadata, model, family)
     names = _ModuleNames(model, family)
     parsed = _parse(tensors, names, path)
     algorithm = _algorithm(parsed.modules, metadata, path)
@@ -196,6 +198,24 @@ def read_existing_adapter(path: str | Path, model: torch.nn.Module, family: Mode
     source = _source_format(metadata, parsed.style, step_source)
     return ExistingAdapter(algorithm, parsed.modules, ranks, alphas, steps, source, parsed.deltas,
                            parsed.text_encoder, metadata)
+
+
+def _from_comfyui_names(tensors: dict[str, torch.Tensor], metadata: dict[str, str], model: torch.nn.Module,
+                        family: ModelFamily) -> dict[str, torch.Tensor]:
+    """ComfyUI's own module names (``diffusion_model.<ComfyUI module>``, the Train LoRA node's files and
+    ``--file_layout comfyui``) as diffusers module names: fused projections split, swapped rows restored."""
+    from .comfyui import FUSED_RANKS, from_comfyui
+
+    if not any(k.removeprefix("model.").startswith("diffusion_model.") for k in tensors):
+        return tensors
+    try:
+        names = family.comfyui_names(model)
+    except TrainerError:
+        return tensors  # a family without ComfyUI names: the keys are matched as they are
+    rows = {name: module.weight.shape[0] for name, module in model.named_modules()
+            if name in names and isinstance(getattr(module, "weight", None), torch.Tensor)}
+    fused_ranks = _json(metadata.get(FUSED_RANKS))
+    return from_comfyui(tensors, names, rows, fused_ranks if isinstance(fused_ranks, dict) else None)
 
 
 def _adapter_file(path: Path) -> Path:

@@ -97,6 +97,11 @@ class ModelFamily:
         key = self.kohya_prefix + module.replace(".", "_")
         return {f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()}
 
+    def comfyui_names(self, model: torch.nn.Module) -> dict:
+        """Diffusers module path -> :class:`~trainer.adapters.comfyui.ComfyPart`, where ComfyUI's model
+        holds that module's weight (``--file_layout comfyui``, and reading the node's files)."""
+        raise TrainerError(f"--file_layout comfyui: ComfyUI's module names are not known for {self.name}")
+
     def file_metadata(self, tensors: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
         """Metadata entries that this family's layout of ``tensors`` (the file) sets differently from the
         trainer's defaults."""

@@ -68,3 +68,14 @@ class StableDiffusion(ModelFamily):
 
     def base_model_version(self, model):
         return "sd_v2" if model.config.cross_attention_dim == 1024 else "sd_v1"
+
+    def comfyui_names(self, model):
+        return unet_comfyui_names(model)
+
+
+def unet_comfyui_names(model) -> dict:
+    """ComfyUI names a UNet's modules as the original LDM UNet does (SD 1.x/2.x and SDXL)."""
+    from ..adapters.comfyui import ComfyPart
+    from .sd_names import ldm_to_diffusers_names
+
+    return {name: ComfyPart(ldm) for ldm, name in ldm_to_diffusers_names(model.config).items()}

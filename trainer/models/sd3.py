@@ -39,6 +39,14 @@ def peft_file_tensors(module: str, tensors: dict[str, torch.Tensor],
     return {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, f"{key}.alpha": alpha}
 
 
+def _has(model, module: str) -> bool:
+    try:
+        model.get_submodule(module)
+        return True
+    except AttributeError:
+        return False
+
+
 def check_text_conditioning(model, shapes: dict[str, tuple[int, ...]]) -> None:
     """prompt_embeds / pooled_prompt_embeds widths against an MMDiT's config (SD3 and Flux)."""
     config = model.config
@@ -129,6 +137,41 @@ class StableDiffusion3(ModelFamily):
         if model.config.dual_attention_layers:
             return "sd3.5_medium"
         return "sd3.5_large" if model.config.num_layers >= 38 else "sd3"
+
+    def comfyui_names(self, model):
+        # ComfyUI's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py), as its key maps name it
+        from ..adapters.comfyui import fused, renamed
+
+        names = renamed("", "", {
+            "context_embedder": "context_embedder", "pos_embed.proj": "x_embedder.proj",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+            "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"},
+            swap=("norm_out.linear",))
+        last = model.config.num_layers - 1
+        for i in range(model.config.num_layers):
+            block, to = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+            # the last block's text stream only feeds attention: its modulation is stored swapped
+            names.update(renamed(block, to, {
+                "norm1.linear": "x_block.adaLN_modulation.1", "attn.to_out.0": "x_block.attn.proj",
+                "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+                "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q",
+                "attn2.norm_k": "x_block.attn2.ln_k", "ff.net.0.proj": "x_block.mlp.fc1",
+                "ff.net.2": "x_block.mlp.fc2", "norm1_context.linear": "context_block.adaLN_modulation.1",
+                "attn.to_add_out": "context_block.attn.proj", "attn.norm_added_q": "context_block.attn.ln_q",
+                "attn.norm_added_k": "context_block.attn.ln_k", "ff_context.net.0.proj": "context_block.mlp.fc1",
+                "ff_context.net.2": "context_block.mlp.fc2"},
+                swap=("norm1_context.linear",) if i == last else ()))
+            for attn, stream, projections in (("attn", "x_block.attn", ("to_q", "to_k", "to_v")),
+                                              ("attn", "context_block.attn", ("add_q_proj", "add_k_proj",
+                                                                              "add_v_proj")),
+                                              ("attn2", "x_block.attn2", ("to_q", "to_k", "to_v"))):
+                members = [f"{block}{attn}.{p}" for p in projections]
+                if all(_has(model, m) for m in members):
+                    names.update(fused(model, f"{to}{stream}.qkv", members))
+        return {k: v for k, v in names.items() if _has(model, k)}
 
     def file_tensors(self, module, tensors):
         if "lora_down.weight" in tensors:

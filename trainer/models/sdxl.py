@@ -18,6 +18,9 @@ from ..objectives import DDPMObjective
 from .base import ModelFamily, has_checkpoint_key, read_json, register_family
 from .sd import CONFIGS
 
+#: SDXL's added-conditioning MLP: diffusers module -> LDM module (the name its kohya keys use)
+ADDED_EMBEDDING_LDM_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
 #: the time-id columns, in the order the UNet reads them
 TIME_ID_COLUMNS = ("original_size", "crop_coords", "target_size")
 
@@ -90,3 +93,17 @@ class StableDiffusionXL(ModelFamily):
 
     def base_model_version(self, model):
         return "sdxl_base_v1-0"  # kohya's value for SDXL base and its fine-tunes
+
+    def comfyui_names(self, model):
+        from .sd import unet_comfyui_names
+
+        return unet_comfyui_names(model)
+
+    def file_tensors(self, module, tensors):
+        # diffusers' kohya converter turns lora_unet_add_embedding_linear_1 into "add.embedding..." and
+        # drops it; it maps the LDM name label_emb.0.0 (kohya's own SDXL spelling) to add_embedding.
+        # ComfyUI reads both.
+        for diffusers_name, ldm_name in ADDED_EMBEDDING_LDM_NAMES.items():
+            if module == diffusers_name:
+                module = ldm_name
+        return super().file_tensors(module, tensors)
