@@ -158,12 +158,12 @@ def test_1_a_failed_checkpoint_write_stops_and_keeps_the_adapter(tmp_path, monke
 
 
 def test_1_a_disk_that_fills_up_mid_run_loses_nothing(tmp_path, monkeypatch):
-    """A real full disk (an 8 MiB tmpfs, filled by another writer after step 1): one line, the step-1
+    """A real full disk (a 32 MiB tmpfs, filled by another writer after step 1): one line, the step-1
     checkpoint kept, the trained adapter saved in the temp folder. Needs a machine that can mount."""
     import trainer.loop
 
     folder = tmp_path / "disk"
-    if not _mount_tmpfs(folder, "size=8m"):
+    if not _mount_tmpfs(folder, "size=32m"):
         pytest.skip("mounting a tmpfs is not allowed here; the injected faults above cover the same paths")
     real, calls = trainer.loop.train_step, []
 
