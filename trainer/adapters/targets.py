@@ -51,6 +51,8 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def resolve_targets(spec: str, default_targets: tuple[str, ...], model: nn.Module) -> tuple[list[str], bool]:
     """(peft target names, whether the node's offsets are trained) for a ``--target_modules`` value."""
+    if spec.strip().lower() in TARGET_SETS:
+        spec = spec.strip().lower()
     if spec in ("all", "node"):
         targets = adaptable_modules(model)
         if not targets:
