@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import overhead  # noqa: E402  (bench/overhead.py, beside this file)
+import overhead
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -317,22 +317,3 @@ def test_ragged_nested_rows_are_named():
     ds = Dataset.from_dict({"latents": [good, good, bad], "prompt_embeds": [np.zeros((8, 32))] * 3})
     with pytest.raises(TrainerError, match="'latents', row 2 is not a rectangular array"):
         training_data(ds)
-
-
-def test_parquet_is_converted_once_and_reused_until_it_changes(tmp_path, monkeypatch):
-    import os
-
-    import trainer.data as data_module
-
-    monkeypatch.setattr(data_module, "parquet_cache_dir", lambda: tmp_path / "cache")
-    ds = make_dataset(rows=5)
-    ds.to_parquet(str(tmp_path / "part.parquet"))
-    first = training_data(str(tmp_path / "part.parquet"))
-    converted = list((tmp_path / "cache").glob("*.arrow"))
-    assert len(converted) == 1
-    stamp = converted[0].stat().st_mtime_ns
-    torch.testing.assert_close(training_data(str(tmp_path / "part.parquet")).rows([4]), first.rows([4]))
-    assert converted[0].stat().st_mtime_ns == stamp  # reused, not converted again
-    os.utime(tmp_path / "part.parquet", ns=(stamp + 10**9, stamp + 10**9))  # the file changed
-    training_data(str(tmp_path / "part.parquet"))
-    assert len(list((tmp_path / "cache").glob("*.arrow"))) == 2

@@ -37,8 +37,16 @@ from .models.precision import is_plain
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
-from .rundir import (OutputWriteError, RunFolder, check_room, check_writable, describe_os_error,
-                     estimate_output_bytes, remove_if_unused, run_lock)
+from .rundir import (
+    OutputWriteError,
+    RunFolder,
+    check_room,
+    check_writable,
+    describe_os_error,
+    estimate_output_bytes,
+    remove_if_unused,
+    run_lock,
+)
 from .sampling import build_sampler, most_common_size, parse_size, read_prompts
 from .streaming import StreamData, StreamingBatches, open_stream, streaming_loader
 from .watch import Watch, check_config
