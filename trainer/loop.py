@@ -371,20 +371,17 @@ def _train_offsets(model: torch.nn.Module, node: bool, file_offsets: dict[str, d
 
 def _check_file_layout(run: Run, model: torch.nn.Module) -> None:
     """Before training: refuse what ``--file_layout comfyui`` cannot write, and say where ComfyUI's loader
-    will not reproduce a default-layout file."""
-    family, offsets, algorithm = run.loaded.family, run.offsets, run.algorithm
+    will not reproduce an OFT file."""
     if run.cfg.file_layout == "comfyui":
         comfyui_state(model, run, torch.float32)  # raises for a layer ComfyUI's layout cannot hold
-        return
-    if offsets.params or algorithm.name == "OFT":
-        from .adapters.comfyui import warn_loader_limits
+    elif run.algorithm.name == "OFT":
+        from .adapters.comfyui import warn_oft_on_swapped_layers
 
         try:
-            names = family.comfyui_names(model)
+            names = run.loaded.family.comfyui_names(model)
         except TrainerError:
             return  # a family whose ComfyUI names are not known: nothing to compare with
-        warn_loader_limits(names, list(adapter_layers(model)),
-                           [m for m, o in offsets.params.items() if "diff_b" in o], algorithm.name)
+        warn_oft_on_swapped_layers(names, list(adapter_layers(model)))
 
 
 def _report_overrides(cfg: TrainConfig, algorithm: str, attach: dict) -> None:
@@ -521,9 +518,8 @@ def export_lora(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return comfyui_state(model, run, dtype)
     family = run.loaded.family
     lora = export_adapter(model, run.algorithm, family.file_tensors, dtype)
-    for name, offsets in run.offsets.export().items():
-        for key, tensor in family.file_tensors(name, offsets).items():
-            lora[key] = tensor.to(dtype).contiguous()
+    for key, tensor in family.offset_tensors(model, run.offsets.export()).items():
+        lora[key] = tensor.to(dtype).contiguous()
     return lora
 
 

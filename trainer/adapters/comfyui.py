@@ -284,17 +284,25 @@ def _split(target, group, members, names, out_rows, ranks=None) -> dict[str, tor
     return out
 
 
-def warn_loader_limits(names: dict[str, ComfyPart], adapted: list[str], offsets: list[str], algorithm: str) -> None:
-    """Say before training where ComfyUI's loader will not reproduce a default-layout file (measured with
-    its code): it drops the bias offsets of layers it fuses or stores swapped (SD3, Flux), and it applies
-    OFT to a swapped layer in its own row order."""
-    lost = [m for m in offsets if m in names and (names[m].start is not None or names[m].swap)]
-    if lost:
-        logger.warning("ComfyUI's LoRA loader drops the bias offsets (diff_b) of %d layers it fuses or swaps (e.g. %s) "
-                       "when they are written under diffusers names; for ComfyUI use --file_layout comfyui",
-                       len(lost), lost[0])
+def warn_oft_on_swapped_layers(names: dict[str, ComfyPart], adapted: list[str]) -> None:
+    """ComfyUI applies OFT to a layer it stores with swapped rows in its own row order (measured with its
+    code): say so before training."""
     swapped = [m for m in adapted if m in names and names[m].swap]
-    if algorithm == "OFT" and swapped:
+    if swapped:
         logger.warning("ComfyUI applies OFT on %s in its own (shift, scale) row order, which is not what was trained; "
                        "for ComfyUI leave these layers out of --target_modules or use another algorithm",
                        ", ".join(swapped))
+
+
+def split_offsets(model: torch.nn.Module, names: dict[str, ComfyPart],
+                  offsets: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(offsets left for the family's own names, offsets of the layers ComfyUI fuses or swaps under
+    ComfyUI's own keys). ComfyUI's loader reads a bias offset of such a layer only under its own name:
+    under a diffusers name it builds a broken key (``().bias``) and drops it."""
+    special = {m: o for m, o in offsets.items() if m in names and (names[m].start is not None or names[m].swap)}
+    if not special:
+        return offsets, {}
+    rows = {m: model.get_submodule(m).weight.shape[0] for m, part in names.items()
+            if part.module in {names[s].module for s in special}}
+    state, _ = to_comfyui({}, special, "LoRA", names, rows)
+    return {m: o for m, o in offsets.items() if m not in special}, state

@@ -97,6 +97,14 @@ class ModelFamily:
         key = self.kohya_prefix + module.replace(".", "_")
         return {f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()}
 
+    def offset_tensors(self, model: torch.nn.Module, offsets: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The full offsets (module -> {"diff", "diff_b"}, fp32) under this family's file keys: by default
+        :meth:`file_tensors` per module, which ComfyUI reads (diffusers' loaders do not read offsets)."""
+        state = {}
+        for module, tensors in offsets.items():
+            state.update(self.file_tensors(module, tensors))
+        return state
+
     def comfyui_names(self, model: torch.nn.Module) -> dict:
         """Diffusers module path -> :class:`~trainer.adapters.comfyui.ComfyPart`, where ComfyUI's model
         holds that module's weight (``--file_layout comfyui``, and reading the node's files)."""
