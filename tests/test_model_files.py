@@ -382,3 +382,19 @@ def test_fp8_file_under_fp8_weight_dtype_is_held_once_in_fp8(tmp_path, family):
     if output is not None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             torch.testing.assert_close(output(direct), output(via_bf16))
+
+
+@pytest.mark.parametrize(("keys", "variant"), [
+    ((), "sd3_medium"),
+    (("joint_blocks.0.x_block.attn.ln_q.weight",), "sd35_large"),
+    (("joint_blocks.0.x_block.attn.ln_q.weight", "joint_blocks.0.x_block.attn2.qkv.weight"), "sd35_medium"),
+])
+def test_sd3_variant_is_told_from_its_keys(keys, variant):
+    from trainer.models.base import FAMILIES
+
+    header = {PREFIX + k: torch.empty(1, device="meta")
+              for k in ("joint_blocks.0.context_block.adaLN_modulation.1.bias", *keys)}
+    folder, scheduler = FAMILIES["sd3"].single_file_config(header)
+    assert folder.name == variant and scheduler["shift"] == 3.0
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert bool(config.get("qk_norm")) == bool(keys) and bool(config.get("dual_attention_layers")) == (len(keys) == 2)

@@ -24,7 +24,6 @@ import torch
 
 from ..errors import TrainerError
 
-WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2", "int8")
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
                 torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
@@ -54,8 +53,8 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
         if not hasattr(model, "enable_layerwise_casting"):
             raise TrainerError(f"--weight_dtype {weight_dtype}: {type(model).__name__} is not a diffusers model")
         # before the adapter is attached: the hooks sit on the frozen layers only, so peft's layers
-        # (added afterwards, as children of the hooked base layers' wrappers) keep their fp32 masters
-        # convolutions stay in the compute dtype: autograd saves a convolution's weight parameter itself,
+        # (added afterwards, as children of the hooked base layers' wrappers) keep their fp32 masters.
+        # Convolutions stay in the compute dtype: autograd saves a convolution's weight parameter itself,
         # which the hook casts back to fp8 after the forward, so backward (and checkpointing's recompute
         # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
         model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype,
