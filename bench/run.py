@@ -244,8 +244,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved bare/trainer pairs per overhead shape")
     parser.add_argument("--overhead_shapes", type=lambda s: tuple(map(int, s.split("x"))), nargs="*", default=None,
-                        metavar="WIDTHxBATCH", help="overhead shapes (default: width and batch, each also x2 "
-                        "and x4)")
+                        metavar="WIDTHxBATCH", help="overhead shapes (default: width and 2 x width, each with "
+                        "batch and 4 x batch)")
     parser.add_argument("--memory_batch_size", type=int, default=8, help="batch of the memory runs")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--scaling_rows", type=int, nargs="*", default=[256, 4096])
@@ -277,7 +277,8 @@ def main(argv=None) -> None:
         args.scaling_rows, args.ranks, args.resolutions = [16, 64], [4], []
         args.repeats, args.overhead_shapes = 1, [(args.width, args.batch_size)]
     if args.overhead_shapes is None:
-        args.overhead_shapes = [(w, b) for w in (args.width, 2 * args.width) for b in (args.batch_size, 4 * args.batch_size)]
+        args.overhead_shapes = [(w, b) for w in (args.width, 2 * args.width)
+                                for b in (args.batch_size, 4 * args.batch_size)]
     args.targets = TARGETS
 
     if args.overhead_only:

@@ -124,3 +124,8 @@ def test_two_process_streaming_resumes_exactly(tmp_path):
     whole, resumed = (load_file(str(tmp_path / d / "lora.safetensors")) for d in ("whole", "split"))
     for key, value in whole.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+
+
+def test_an_iterable_dataset_needs_streaming():
+    with pytest.raises(TrainerError, match="streaming=True"):
+        train_lora("demo", make_dataset(rows=4).to_iterable_dataset(), **FAST)

@@ -63,6 +63,8 @@ def open_dataset(source: Any, param: str):
         return _single_split(source, param)
     if isinstance(source, datasets.Dataset):
         return source
+    if isinstance(source, datasets.IterableDataset):
+        raise TrainerError(f"{param}: an IterableDataset is read with streaming=True (--streaming true)")
     if str(source) == "demo":
         from .demo import build_demo_dataset
 
