@@ -257,7 +257,6 @@ class _ModuleNames:
     """The model's module paths, with the spellings files use for them."""
 
     def __init__(self, model: torch.nn.Module, family: ModelFamily):
-        from diffusers import UNet2DConditionModel
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.family = family
@@ -276,11 +275,8 @@ class _ModuleNames:
                 self.weights[name] = (weight.shape, bias.shape if isinstance(bias, torch.Tensor) else None)
         #: every accepted dotted spelling -> module path
         self.dotted = {name: name for name in self.weights}
-        if isinstance(model, UNet2DConditionModel):
-            from ..models.sd_names import ldm_to_diffusers_names
-
-            self.dotted.update({ldm: name for ldm, name in ldm_to_diffusers_names(model.config).items()
-                                if name in self.weights})
+        self.dotted.update({other: name for other, name in family.module_spellings(model).items()
+                            if name in self.weights})
         # kohya spells a module path with every "." as "_"; the model's own names disambiguate
         self.underscored = {k.replace(".", "_"): v for k, v in self.dotted.items()}
 
