@@ -24,6 +24,7 @@ FAKE_FAMILY = '''
 import torch
 
 from trainer.models.base import FamilyEncoding, ModelFamily, register_family
+from trainer.objectives import FlowMatchObjective
 
 
 def encode_text(pipe, captions, device):
@@ -42,6 +43,12 @@ class Fake(ModelFamily):
 
     def matches(self, config):
         return config.get("_class_name") == "FakeTransformer"
+
+    def make_objective(self, loaded, options):
+        return FlowMatchObjective({"shift": 1.0}, options)
+
+    def forward(self, model, noisy, timesteps, batch):
+        return model(noisy)
 '''
 
 
@@ -104,6 +111,20 @@ def test_a_package_registering_no_family_is_one_clear_error(tmp_path, monkeypatc
     monkeypatch.delitem(sys.modules, "trainer.models.emptyfam", raising=False)
     with pytest.raises(TrainerError, match="emptyfam.*registers no model family"):
         trainer.models.families()
+
+
+def test_a_family_missing_part_of_the_interface_is_refused_by_name():
+    from trainer.models.base import ModelFamily, register_family
+
+    class Half(ModelFamily):
+        name = "half"
+
+        def matches(self, config):
+            return False
+
+    with pytest.raises(TrainerError, match="does not define denoiser_class, .*encoding, forward, make_objective"):
+        register_family(Half)
+    assert "half" not in trainer.models.FAMILIES
 
 
 def imported_modules(path: Path, package: str) -> set[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,18 @@ FAMILIES: dict[str, ModelFamily] = {}
 CHECKPOINT_PREFIX = "model.diffusion_model."
 
 
+#: class attributes every family sets (see :class:`ModelFamily`)
+REQUIRED_ATTRIBUTES = ("name", "denoiser_class", "subfolder", "kohya_prefix", "default_targets", "conditioning",
+                       "encoding")
+
+
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
-    """Class decorator: make a family available by its ``name`` to detection and ``--model_family``."""
+    """Class decorator: make a family available by its ``name`` to detection and ``--model_family``.
+    A family missing a required attribute or method is a :class:`TrainerError` naming them."""
+    missing = [a for a in REQUIRED_ATTRIBUTES if not hasattr(cls, a)] + sorted(cls.__abstractmethods__)
+    if missing:
+        raise TrainerError(f"model family {cls.__module__}.{cls.__name__} does not define {', '.join(missing)} "
+                           "(see trainer/models/base.py ModelFamily)")
     FAMILIES[cls.name] = cls()
     return cls
 
@@ -93,7 +104,7 @@ class FamilyEncoding:
     latent_scale: tuple[float, float]
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """What the trainer needs to know about one kind of diffusion model.
 
     A subclass sets the class attributes below and implements :meth:`matches`, :meth:`make_objective`
@@ -118,6 +129,7 @@ class ModelFamily:
     #: conditioning columns used when the data has them (else derived): name -> number of dims per row
     optional_conditioning: ClassVar[dict[str, int]] = {}
 
+    @abstractmethod
     def matches(self, config: dict[str, Any]) -> bool:
         """Whether a denoiser config (its ``config.json``) belongs to this family."""
         raise NotImplementedError
@@ -133,11 +145,13 @@ class ModelFamily:
         """Raise :class:`TrainerError` if rows of these shapes (``latents`` and the conditioning
         columns, per row) cannot feed ``model``."""
 
+    @abstractmethod
     def make_objective(self, loaded: LoadedModel, options: ObjectiveOptions):
         """The run's objective (:mod:`trainer.objectives`), with the constant keyword inputs of
         :meth:`forward` in its ``model_inputs``."""
         raise NotImplementedError
 
+    @abstractmethod
     def forward(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, torch.Tensor],
                 **inputs) -> torch.Tensor:
         """The denoiser's prediction, shaped like ``noisy``, from the batch's conditioning columns."""
