@@ -262,8 +262,9 @@ def _single_file_family(state_dict, family: str, path: Path) -> ModelFamily:
         return get_family(family)
     fam = checkpoint_family(state_dict)
     if fam is None:
+        known = [f.name for f in families().values() if type(f).matches_checkpoint is not ModelFamily.matches_checkpoint]
         raise TrainerError(f"--model: {path.name} is no single-file layout known here ({describe_layout(state_dict)}); "
-                           "known: SD 1.x/2.x/SDXL checkpoints, Flux.1 (BFL names), SD3/3.5 (joint_blocks); "
+                           f"known: the original layouts of {', '.join(known)}; "
                            "pass --model_family and --model_config for others")
     return fam
 
