@@ -24,7 +24,7 @@ from trainer.adapters.formats import read_existing_adapter
 from trainer.demo import DEMO_UNET_CONFIG, build_demo_model
 from trainer.errors import TrainerError
 from trainer.models import get_family
-from trainer.models.sd_names import diffusers_to_ldm_state_dict, ldm_to_diffusers_names
+from trainer.models.unet_names import diffusers_to_ldm_state_dict, ldm_to_diffusers_names
 
 SD = get_family("sd")
 RANK, ALPHA = 4, 2.0

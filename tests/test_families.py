@@ -480,7 +480,7 @@ def test_single_file_checkpoint_is_detected_and_loads(family, tmp_path):
     from safetensors.torch import save_file
 
     from trainer.models.loading import checkpoint_family
-    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     model = FAMILIES[family][0]()
     state = diffusers_to_ldm_state_dict(model) if family == "sdxl" else sd3_original_state_dict(model)

@@ -188,7 +188,7 @@ def test_sdxl_all_in_one_checkpoint_reads_only_the_unet(tmp_path, storage, prefi
     file as ComfyUI keeps it in diffusion_models/."""
     from test_families import tiny_sdxl
 
-    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     unet_state = {k.removeprefix(PREFIX): v for k, v in diffusers_to_ldm_state_dict(tiny_sdxl()).items()}
     others = {"first_stage_model.decoder.conv_in.weight": torch.ones(4, 4, 3, 3),
@@ -223,8 +223,8 @@ def test_shipped_flux_configs_match_full_size_files(variant):
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
-    from trainer.models.base import FAMILIES
-    from trainer.models.flux_names import bfl_to_diffusers
+    from trainer.models import FAMILIES
+    from trainer.models.flux.names import bfl_to_diffusers
 
     folder_config = json.loads((FAMILIES["flux"].single_file_config({})[0].parent / variant / "transformer"
                                 / "config.json").read_text())
@@ -244,7 +244,7 @@ def test_shipped_sd3_medium_config_matches_a_full_size_file():
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
 
-    from trainer.models.base import FAMILIES
+    from trainer.models import FAMILIES
 
     sd3 = FAMILIES["sd3"]
     folder = sd3.single_file_config({"joint_blocks.0.context_block.adaLN_modulation.1.bias": None})[0]
@@ -359,7 +359,7 @@ def test_fp8_file_under_fp8_weight_dtype_is_held_once_in_fp8(tmp_path, family):
     from test_families import tiny_sdxl
 
     from trainer.models.precision import apply_weight_dtype
-    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     if family == "flux":
         state, output, config = bfl_state_dict(flux_model()), flux_output, None

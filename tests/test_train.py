@@ -200,7 +200,7 @@ def test_single_file_checkpoint_loads_with_its_config(tmp_path, pipeline_dir):
     from safetensors.torch import save_file
 
     from trainer.models import load_model
-    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     unet = build_demo_model()
     path = tmp_path / "model.safetensors"
@@ -237,7 +237,7 @@ def test_single_file_checkpoint_that_does_not_fit_the_builtin_config(tmp_path):
     from safetensors.torch import save_file
 
     from trainer.errors import TrainerError
-    from trainer.models.sd_names import diffusers_to_ldm_state_dict
+    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     path = tmp_path / "tiny.safetensors"
     save_file(diffusers_to_ldm_state_dict(build_demo_model()), str(path))

@@ -37,32 +37,21 @@ def latents_dataset(latent: dict, family_name: str):
     """A latents dataset (``latents`` column, scaled as the model expects) from a LATENT dict."""
     import datasets
 
-    from .prepare import TEXT_ENCODINGS
+    from .models import get_family
 
     samples = latent["samples"]
     if samples.ndim != 4:
         raise TrainerError(f"--latents: LATENT samples must be [N, C, H, W], got shape {tuple(samples.shape)}")
-    scale, shift = TEXT_ENCODINGS[family_name].latent_scale
+    scale, shift = get_family(family_name).encoding.latent_scale
     samples = samples.detach().float().cpu()
     if torch.count_nonzero(samples) > 0:  # ComfyUI does not shift an empty latent
         samples = (samples - shift) * scale
     return datasets.Dataset.from_dict({"latents": samples.numpy()}).with_format("numpy")
 
 
-def sdxl_sizes(extra: dict) -> dict[str, torch.Tensor]:
-    """SDXL's size columns (height, width order) from a CONDITIONING entry's dict, with the defaults
-    ComfyUI's SDXL model uses where an entry is missing (``comfy/model_base.py`` ``SDXL.encode_adm``:
-    768 x 768, crop (0, 0), target = original size)."""
-    height, width = float(extra.get("height", 768)), float(extra.get("width", 768))
-    return {"original_size": torch.tensor([height, width]),
-            "crop_coords": torch.tensor([float(extra.get("crop_h", 0)), float(extra.get("crop_w", 0))]),
-            "target_size": torch.tensor([float(extra.get("target_height", height)),
-                                         float(extra.get("target_width", width))])}
-
-
 def conditioning_columns(conditioning: list, family, num_latents: int) -> dict[str, torch.Tensor]:
-    """The conditioning columns (``prompt_embeds`` [n, L, D], ``pooled_prompt_embeds`` [n, D], SDXL's
-    sizes [n, 2]) of a CONDITIONING list, n = 1 or one row per latent."""
+    """The conditioning columns (``prompt_embeds`` [n, L, D], ``pooled_prompt_embeds`` [n, D], the family's
+    extra columns such as SDXL's sizes [n, 2]) of a CONDITIONING list, n = 1 or one row per latent."""
     if len(conditioning) not in (1, num_latents):
         raise TrainerError(f"--positive has {len(conditioning)} CONDITIONING entries but --latents has "
                            f"{num_latents} latents: give 1 entry (used for every latent) or one per latent")
@@ -80,9 +69,8 @@ def conditioning_columns(conditioning: list, family, num_latents: int) -> dict[s
                 raise TrainerError(f"--positive: CONDITIONING entry {i} has no pooled_output, which {family.name} "
                                    "needs")
             columns.setdefault("pooled_prompt_embeds", []).append(pooled.float().reshape(-1))
-        if "original_size" in family.optional_conditioning:
-            for column, size in sdxl_sizes(extra).items():
-                columns.setdefault(column, []).append(size)
+        for column, value in family.comfyui_extra_columns(extra).items():
+            columns.setdefault(column, []).append(value)
     tables = {}
     for name, rows in columns.items():
         shapes = {tuple(r.shape) for r in rows}

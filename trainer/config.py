@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .models import family_names  # the folder listing only: no torch (fast --help)
 
 MAX_SEED = 2**64 - 1
 
@@ -80,9 +81,9 @@ class TrainConfig:
     output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json", identity=False)
     output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter: a plain name, "
                               "no folder", identity=False)
-    model_family: str = _param("auto", "model family (sd = SD 1.x/2.x, sdxl, sd3 = SD3/3.5, flux = "
-                               "Flux.1); auto detects it from the model",
-                               choices=("auto", "sd", "sdxl", "sd3", "flux"))
+    model_family: str = _param("auto", "model family, one package each in trainer/models/ (sd = SD 1.x/2.x, "
+                               "sd3 = SD3/3.5, flux = Flux.1; the README's family table lists them); auto "
+                               "detects it from the model", choices=("auto", *family_names()))
     prediction_type: str = _param("auto", "what the model predicts (SD/SDXL; SD3/Flux predict the flow "
                                   "velocity); auto reads the pipeline's scheduler config",
                                   choices=("auto", "epsilon", "v_prediction"))

@@ -6,7 +6,7 @@
    (N repeats), ``.latent`` files; what cannot be used is reported with the reason.
 2. Each image goes to the aspect-ratio bucket of closest aspect ratio (:func:`make_buckets`) and is
    resized and center-cropped to it only as needed.
-3. The model's own VAE and the family's text encoders (:data:`TEXT_ENCODINGS`) encode the images
+3. The model's own VAE and the family's text encoders (each family's ``encoding``, :class:`~trainer.models.base.FamilyEncoding`) encode the images
    and captions in batches, each process its share (``accelerate launch``); every result lands in a
    cache folder keyed by file, mtime and settings, so a rerun encodes only what is new.
 4. The main process writes one ``datasets`` dataset with ``save_to_disk``.
@@ -26,7 +26,6 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,8 @@ from .errors import ConfigError, TrainerError
 
 if TYPE_CHECKING:  # torch takes seconds to import: only the encoding functions import it
     import torch
+
+    from .models.base import FamilyEncoding
 
 logger = logging.getLogger("trainer.prepare")  # also when run as __main__
 
@@ -54,65 +55,6 @@ _EXIF_ORIENTATION = 0x0112
 
 
 # ----------------------------------------------------------------------------- families
-
-
-@dataclass(frozen=True)
-class FamilyEncoding:
-    """What preparing data for one model family needs beyond its VAE."""
-
-    #: default training resolution (buckets hold at most this many pixels squared)
-    resolution: int
-    #: the denoiser's own downsampling or patching, in latent pixels, from its ``config.json``
-    denoiser_factor: Callable[[dict], int]
-    #: captions -> conditioning columns ``{name: tensor [B, ...]}``, through the pipeline's encode_prompt
-    encode_text: Callable[[Any, list[str], torch.device], dict[str, torch.Tensor]]
-    #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE
-    latent_scale: tuple[float, float]
-
-
-#: family name (as in ``trainer.models.FAMILIES``) -> how its data is prepared
-TEXT_ENCODINGS: dict[str, FamilyEncoding] = {}
-
-
-def register_encoding(name: str, encoding: FamilyEncoding) -> None:
-    TEXT_ENCODINGS[name] = encoding
-
-
-def _unet_factor(config: dict) -> int:
-    return 2 ** (len(config["block_out_channels"]) - 1)  # one downsampler between each pair of blocks
-
-
-def _encode_sd(pipe, captions, device):
-    embeds, _ = pipe.encode_prompt(captions, device, 1, False)  # CLIP last hidden state [B, 77, D]
-    return {"prompt_embeds": embeds}
-
-
-def _encode_sdxl(pipe, captions, device):
-    # both CLIPs' penultimate hidden states concatenated, pooled output of text_encoder_2
-    embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-def _encode_sd3(pipe, captions, device):
-    # CLIP-L/G hidden states + T5 tokens (zeros without text_encoder_3), pooled CLIP-L + CLIP-G
-    embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, num_images_per_prompt=1,
-                                              do_classifier_free_guidance=False)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-def _encode_flux(pipe, captions, device):
-    # T5 tokens, CLIP-L pooled
-    embeds, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)
-    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-
-
-register_encoding("sd", FamilyEncoding(512, _unet_factor, _encode_sd, (0.18215, 0.0)))
-register_encoding("sdxl", FamilyEncoding(1024, _unet_factor, _encode_sdxl, (0.13025, 0.0)))
-register_encoding("sd3", FamilyEncoding(1024, lambda c: c["patch_size"], _encode_sd3, (1.5305, 0.0609)))
-# Flux packs 2x2 latent patches into one token
-register_encoding("flux", FamilyEncoding(1024, lambda c: 2 * c.get("patch_size", 1), _encode_flux,
-                                         (0.3611, 0.1159)))
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -440,8 +382,7 @@ class ModelInfo:
 
 def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     """Read the pipeline folder's configs: family, VAE, bucket geometry. Raises TrainerError."""
-    from .models import FAMILIES, get_family
-    from .models.base import read_json
+    from .models.base import detect_family, get_family, read_json, vae_scale_factor
 
     path = Path(cfg.model)
     if not (path / "model_index.json").is_file():
@@ -453,23 +394,13 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     if denoiser is None:
         raise TrainerError(f"--model: {path} has no unet/ or transformer/ with a config.json")
     config = read_json(path / denoiser / "config.json")
-    if cfg.model_family != "auto":
-        family = get_family(cfg.model_family)
-    else:
-        family = next((f for f in FAMILIES.values() if f.matches(config)), None)
-        if family is None:
-            raise TrainerError(f"--model: cannot tell the model family of {path / denoiser} "
-                               f"({config.get('_class_name')}); pass --model_family "
-                               f"(known: {', '.join(FAMILIES)})")
-    if family.name not in TEXT_ENCODINGS:
-        raise TrainerError(f"--model: no text encoding is defined for the {family.name!r} family "
-                           f"(known: {', '.join(TEXT_ENCODINGS)})")
+    family = get_family(cfg.model_family) if cfg.model_family != "auto" else detect_family(config, path / denoiser)
     if not (path / "text_encoder" / "config.json").is_file():
         raise TrainerError(f"--model: {path} has no text_encoder/ to encode captions with")
     vae_file = path / "vae" / "config.json"
     vae = read_json(vae_file) if index.get("vae", [None])[0] is not None and vae_file.is_file() else None
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
-    encoding = TEXT_ENCODINGS[family.name]
+    vae_factor = vae_scale_factor(vae)
+    encoding = family.encoding
     info = ModelInfo(path, family.name, encoding, denoiser, config, vae, vae_factor,
                      cfg.resolution or encoding.resolution, 0, _stamp(path, ("vae",)),
                      _stamp(path, [c for c in ENCODER_COMPONENTS if c != "vae"]))

@@ -324,7 +324,7 @@ def encode_prompts(source, family: str, prompts: list[SamplePrompt], dtype: torc
     The text encoders are those of ``source`` (a pipeline folder: loaded here, then freed; a pipeline
     object: used where they are). The per-family encoding is ``lora-prepare``'s.
     """
-    from .prepare import TEXT_ENCODINGS
+    from .models import get_family
 
     if isinstance(source, Path):
         from diffusers import DiffusionPipeline
@@ -339,7 +339,7 @@ def encode_prompts(source, family: str, prompts: list[SamplePrompt], dtype: torc
     else:
         pipe = source
         device = pipe.device
-    encode = TEXT_ENCODINGS[family].encode_text
+    encode = get_family(family).encoding.encode_text
     positive = encode(pipe, [p.prompt for p in prompts], device)
     negative = encode(pipe, [p.negative for p in prompts], device)
     if getattr(pipe.config, "force_zeros_for_empty_prompt", False):

@@ -35,6 +35,11 @@ class Algorithm:
     name: ClassVar[str]
     #: value of ``ss_network_module`` in the file's metadata
     network_module: ClassVar[str]
+    #: the file tensors of one module, by suffix (LyCORIS/kohya spelling), besides ``alpha`` which every
+    #: algorithm may have: how a file's tensors are told apart by algorithm
+    tensors: ClassVar[tuple[str, ...]]
+    #: what one module needs to be complete: alternatives separated by "|", tensors needed together by "+"
+    required: ClassVar[tuple[str, ...]]
 
     def peft_config(self, rank: int, alpha: float, targets: list[str], rank_pattern: dict[str, int] | None = None,
                     alpha_pattern: dict[str, float] | None = None) -> PeftConfig:
@@ -47,6 +52,16 @@ class Algorithm:
 
     def export_layer(self, layer: BaseTunerLayer) -> dict[str, torch.Tensor]:
         """The layer's adapter as file tensors, keyed by suffix (``lora_down.weight``, ``alpha``, ...)."""
+        raise NotImplementedError
+
+    def is_complete(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether one module's tensors hold everything :attr:`required` asks for."""
+        return all(any(all(n in tensors for n in alternative.split("+")) for alternative in need.split("|"))
+                   for need in self.required)
+
+    def update_shape(self, tensors: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+        """(out features, in features x kernel) of the weight update one module's tensors make, to check
+        them against the model's weight; a shorter tuple checks only the leading dims, None nothing."""
         raise NotImplementedError
 
     def rank_from_tensors(self, tensors: dict[str, torch.Tensor]) -> int:

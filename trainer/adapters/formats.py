@@ -35,6 +35,7 @@ Choices where the formats are silent or ambiguous:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -54,28 +55,31 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: tensor name in a file (after the module path) -> (our suffix, algorithm); alpha belongs to all
-_TENSORS = {
-    "lora_down.weight": ("lora_down.weight", "LoRA"),  # kohya, LyCORIS LoCon, ComfyUI
-    "lora_up.weight": ("lora_up.weight", "LoRA"),
-    "lora_A.weight": ("lora_down.weight", "LoRA"),  # PEFT / diffusers
-    "lora_B.weight": ("lora_up.weight", "LoRA"),
-    "lora_A.default.weight": ("lora_down.weight", "LoRA"),  # a peft model's state dict, adapter name kept
-    "lora_B.default.weight": ("lora_up.weight", "LoRA"),
-    "lora.down.weight": ("lora_down.weight", "LoRA"),  # diffusers before peft
-    "lora.up.weight": ("lora_up.weight", "LoRA"),
-    "lora_linear_layer.down.weight": ("lora_down.weight", "LoRA"),
-    "lora_linear_layer.up.weight": ("lora_up.weight", "LoRA"),
-    **{f"hada_{n}": (f"hada_{n}", "LoHa") for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
-    **{f"lokr_{n}": (f"lokr_{n}", "LoKr")
-       for n in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
-    "oft_blocks": ("oft_blocks", "OFT"),
-    "rescale": ("rescale", "OFT"),
-    "alpha": ("alpha", None),
-    # ComfyUI's node also trains full offsets of norm weights (diff) and of every bias (diff_b)
-    "diff": ("diff", "delta"),
-    "diff_b": ("diff_b", "delta"),
+#: other spellings of LoRA's tensors in files (after the module path) -> the algorithms' suffixes
+_LORA_SPELLINGS = {
+    "lora_A.weight": "lora_down.weight",  # PEFT / diffusers
+    "lora_B.weight": "lora_up.weight",
+    "lora_A.default.weight": "lora_down.weight",  # a peft model's state dict, adapter name kept
+    "lora_B.default.weight": "lora_up.weight",
+    "lora.down.weight": "lora_down.weight",  # diffusers before peft
+    "lora.up.weight": "lora_up.weight",
+    "lora_linear_layer.down.weight": "lora_down.weight",
+    "lora_linear_layer.up.weight": "lora_up.weight",
 }
+#: ComfyUI's node also trains full offsets of norm weights (diff) and of every bias (diff_b)
+_DELTAS = ("diff", "diff_b")
+
+
+@functools.cache
+def _file_tensors() -> dict[str, tuple[str, str | None]]:
+    """Tensor name in a file (after the module path) -> (the algorithms' suffix, the algorithm that
+    declares it, "delta" or None for alpha, which belongs to all): from each algorithm's ``tensors``."""
+    names = {suffix: (suffix, algorithm.name) for algorithm in ALGORITHMS.values() for suffix in algorithm.tensors}
+    names.update({spelling: names[suffix] for spelling, suffix in _LORA_SPELLINGS.items()})
+    names.update({"alpha": ("alpha", None), **{d: (d, "delta") for d in _DELTAS}})
+    return names
+
+
 #: tensors of adapter variants this trainer cannot continue
 _UNSUPPORTED = {
     "lora_mid.weight": "LoCon Tucker factors (lora_mid)",
@@ -86,13 +90,6 @@ _UNSUPPORTED = {
     "w_norm": "LyCORIS norm offsets (w_norm)",
     "b_norm": "LyCORIS norm offsets (b_norm)",
     **{f"{n}.weight": "GLoRA (a1/a2/b1/b2)" for n in ("a1", "a2", "b1", "b2")},
-}
-#: what each algorithm needs per module: alternatives separated by "|", tensors needed together by "+"
-_REQUIRED = {
-    "LoRA": ("lora_down.weight", "lora_up.weight"),
-    "LoHa": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
-    "LoKr": ("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b"),
-    "OFT": ("oft_blocks",),
 }
 #: ``algo`` of LyCORIS' network args -> algorithm
 _LYCORIS_ALGOS = {"lora": "LoRA", "locon": "LoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT",
@@ -257,7 +254,6 @@ class _ModuleNames:
     """The model's module paths, with the spellings files use for them."""
 
     def __init__(self, model: torch.nn.Module, family: ModelFamily):
-        from diffusers import UNet2DConditionModel
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.family = family
@@ -276,11 +272,8 @@ class _ModuleNames:
                 self.weights[name] = (weight.shape, bias.shape if isinstance(bias, torch.Tensor) else None)
         #: every accepted dotted spelling -> module path
         self.dotted = {name: name for name in self.weights}
-        if isinstance(model, UNet2DConditionModel):
-            from ..models.sd_names import ldm_to_diffusers_names
-
-            self.dotted.update({ldm: name for ldm, name in ldm_to_diffusers_names(model.config).items()
-                                if name in self.weights})
+        self.dotted.update({other: name for other, name in family.module_spellings(model).items()
+                            if name in self.weights})
         # kohya spells a module path with every "." as "_"; the model's own names disambiguate
         self.underscored = {k.replace(".", "_"): v for k, v in self.dotted.items()}
 
@@ -318,7 +311,7 @@ def _split(key: str) -> tuple[str, str] | None:
         module = f"{attn}.{'to_out.0' if proj == 'to_out' else proj}"
         return module, f"lora.{kind}.weight"
     best = None
-    for name in (*_TENSORS, *_UNSUPPORTED):
+    for name in (*_file_tensors(), *_UNSUPPORTED):
         if key.endswith("." + name) and (best is None or len(name) > len(best)):
             best = name
     return None if best is None else (key[: -len(best) - 1], best)
@@ -343,7 +336,7 @@ def _parse(tensors: dict[str, torch.Tensor], names: _ModuleNames, path: Path) ->
             unsupported.setdefault(_UNSUPPORTED[name], key)
             continue
         styles[style] += 1
-        suffix, kind = _TENSORS[name]
+        suffix, kind = _file_tensors()[name]
         if (module, suffix) in origin:
             raise TrainerError(f"--existing_lora: {path.name} holds two tensors for {module}.{suffix}: "
                                f"{origin[module, suffix]} and {key}")
@@ -379,9 +372,7 @@ def _check_shapes(modules, deltas, names: _ModuleNames, path: Path, origin) -> N
     for module, group in modules.items():
         algorithm = _group_algorithm(group)
         weight, _ = names.weights[module]
-        if algorithm is None or not all(any(all(n in group for n in alternative.split("+"))
-                                                for alternative in need.split("|"))
-                                            for need in _REQUIRED[algorithm]):
+        if algorithm is None or not ALGORITHMS[algorithm].is_complete(group):
             raise TrainerError(f"--existing_lora: {path.name} has incomplete or mixed adapter tensors for "
                                f"{module}: {', '.join(sorted(group))}")
         if len(weight) < 2:
@@ -391,7 +382,7 @@ def _check_shapes(modules, deltas, names: _ModuleNames, path: Path, origin) -> N
             misfits.append(f"{module}: lora_up has rank {group['lora_up.weight'].shape[1]}, lora_down "
                            f"{group['lora_down.weight'].shape[0]}")
             continue
-        made = _update_shape(algorithm, group)
+        made = ALGORITHMS[algorithm].update_shape(group)
         wanted = (weight[0], weight[1:].numel()) if algorithm != "OFT" else (weight[0],)
         if made is not None and tuple(made[: len(wanted)]) != wanted:
             misfits.append(f"{module}: file makes {tuple(made)}, model has {tuple(weight)}")
@@ -408,29 +399,8 @@ def _check_shapes(modules, deltas, names: _ModuleNames, path: Path, origin) -> N
 
 def _group_algorithm(group: dict[str, torch.Tensor]) -> str | None:
     """The one algorithm a module's tensors belong to (our suffixes are also file names), else None."""
-    kinds = {_TENSORS[suffix][1] for suffix in group} - {None}
+    kinds = {_file_tensors()[suffix][1] for suffix in group} - {None}
     return kinds.pop() if len(kinds) == 1 else None
-
-
-def _update_shape(algorithm: str, t: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
-    """(out features, in features x kernel) of the weight update the tensors make (OFT: out only)."""
-    if algorithm == "LoRA":  # down is (r, in), (r, in, kh, kw) or ComfyUI's flattened (r, in*kh*kw)
-        return t["lora_up.weight"].shape[0], t["lora_down.weight"][0].numel()
-    if algorithm == "LoHa":
-        if "hada_t1" in t:  # Tucker: t1 (r, r, kh, kw), w1_a (r, out), w1_b (r, in)
-            return t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1] * t["hada_t1"][0, 0].numel()
-        return t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
-    if algorithm == "LoKr":  # a Kronecker product: out = out1 * out2, in = in1 * in2
-        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
-        if "lokr_w2" in t:
-            w2 = (t["lokr_w2"].shape[0], t["lokr_w2"][0].numel())
-        elif "lokr_t2" in t:  # Tucker: t2 (r, r, kh, kw), w2_a (r, out2), w2_b (r, in2)
-            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1] * t["lokr_t2"][0, 0].numel())
-        else:
-            w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
-        return w1[0] * w2[0], w1[1] * w2[1]
-    blocks = t["oft_blocks"]
-    return None if blocks.ndim != 3 else (blocks.shape[0] * blocks.shape[1],)
 
 
 def _algorithm(modules: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str], path: Path) -> str:

@@ -21,6 +21,8 @@ FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 class LoHa(Algorithm):
     name = "LoHa"
     network_module = "lycoris.kohya"
+    tensors = (*FACTORS, "hada_t1", "hada_t2")  # t1/t2: LyCORIS' Tucker convolutions (read, refused)
+    required = FACTORS
 
     def peft_config(self, rank, alpha, targets, rank_pattern=None, alpha_pattern=None):
         return LoHaConfig(r=rank, alpha=rank if alpha is None else alpha, target_modules=targets,
@@ -48,6 +50,11 @@ class LoHa(Algorithm):
 
     def network_args(self, rank, alpha):
         return {"algo": "loha"}
+
+    def update_shape(self, tensors):
+        if "hada_t1" in tensors:  # Tucker: t1 (r, r, kh, kw), w1_a (r, out), w1_b (r, in)
+            return tensors["hada_w1_a"].shape[1], tensors["hada_w1_b"].shape[1] * tensors["hada_t1"][0, 0].numel()
+        return tensors["hada_w1_a"].shape[0], tensors["hada_w1_b"].shape[1]
 
     def rank_from_tensors(self, tensors):
         return int(tensors["hada_w1_b"].shape[0])

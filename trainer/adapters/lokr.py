@@ -32,6 +32,9 @@ FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2
 class LoKr(Algorithm):
     name = "LoKr"
     network_module = "lycoris.kohya"
+    tensors = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+    # each Kronecker factor full or as a low-rank pair
+    required = ("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b")
 
     def peft_config(self, rank, alpha, targets, rank_pattern=None, alpha_pattern=None):
         return LoKrConfig(r=rank, alpha=rank if alpha is None else alpha, target_modules=targets,
@@ -87,6 +90,17 @@ class LoKr(Algorithm):
 
     def network_args(self, rank, alpha):
         return {"algo": "lokr", "factor": "-1"}
+
+    def update_shape(self, tensors):
+        t = tensors  # a Kronecker product: out = out1 * out2, in = in1 * in2
+        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = (t["lokr_w2"].shape[0], t["lokr_w2"][0].numel())
+        elif "lokr_t2" in t:  # Tucker: t2 (r, r, kh, kw), w2_a (r, out2), w2_b (r, in2)
+            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1] * t["lokr_t2"][0, 0].numel())
+        else:
+            w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
+        return w1[0] * w2[0], w1[1] * w2[1]
 
     def rank_from_tensors(self, tensors):
         if "lokr_w2_a" in tensors:

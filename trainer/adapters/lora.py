@@ -12,6 +12,8 @@ from .base import ADAPTER_NAME, Algorithm, register_algorithm
 class LoRA(Algorithm):
     name = "LoRA"
     network_module = "networks.lora"
+    tensors = ("lora_down.weight", "lora_up.weight")
+    required = tensors
 
     def peft_config(self, rank, alpha, targets, rank_pattern=None, alpha_pattern=None):
         return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0,
@@ -24,6 +26,10 @@ class LoRA(Algorithm):
             "lora_up.weight": layer.lora_B[ADAPTER_NAME].weight,
             "alpha": torch.tensor(float(layer.lora_alpha[ADAPTER_NAME])),
         }
+
+    def update_shape(self, tensors):
+        # down is (r, in), (r, in, kh, kw) or ComfyUI's flattened (r, in*kh*kw)
+        return tensors["lora_up.weight"].shape[0], tensors["lora_down.weight"][0].numel()
 
     def rank_from_tensors(self, tensors):
         return tensors["lora_down.weight"].shape[0]

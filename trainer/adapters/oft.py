@@ -189,6 +189,8 @@ class DiagOFTModel(BaseTuner):
 class OFT(Algorithm):
     name = "OFT"
     network_module = "lycoris.kohya"
+    tensors = ("oft_blocks", "rescale")  # rescale: LyCORIS' rescaled OFT (read, refused)
+    required = ("oft_blocks",)
 
     def peft_config(self, rank, alpha, targets, rank_pattern=None, alpha_pattern=None):
         return DiagOFTConfig(r=rank, alpha=0.0 if alpha is None else alpha, target_modules=targets,
@@ -219,6 +221,11 @@ class OFT(Algorithm):
 
     def network_args(self, rank, alpha):
         return {"algo": "diag-oft"}
+
+    def update_shape(self, tensors):
+        # diagonal blocks rotate the output features only; 4-dim (BOFT) blocks are refused elsewhere
+        blocks = tensors["oft_blocks"]
+        return None if blocks.ndim != 3 else (blocks.shape[0] * blocks.shape[1],)
 
     def rank_from_tensors(self, tensors):
         return int(tensors["oft_blocks"].shape[-1])

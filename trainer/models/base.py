@@ -1,8 +1,17 @@
-"""The model-family interface and its registry."""
+"""The model-family interface and its registry.
+
+A family is one package ``trainer/models/<name>/`` (see the README's "Adding a model family"):
+its ``__init__.py`` defines a :class:`ModelFamily` subclass named ``<name>`` and decorates it with
+:func:`register_family`. The registry finds the packages itself (:func:`trainer.models.family_names`)
+and imports them on first use, so adding a family edits no other file.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,28 +21,102 @@ import torch
 from ..errors import TrainerError
 from ..objectives import ObjectiveOptions
 
+#: family name -> the family; filled by :func:`register_family` as :func:`families` imports the packages
 FAMILIES: dict[str, ModelFamily] = {}
 #: where an all-in-one checkpoint (A1111/ComfyUI/SAI) keeps the denoiser's tensors
 CHECKPOINT_PREFIX = "model.diffusion_model."
 
 
+#: class attributes every family sets (see :class:`ModelFamily`)
+REQUIRED_ATTRIBUTES = ("name", "denoiser_class", "subfolder", "kohya_prefix", "default_targets", "conditioning",
+                       "encoding")
+
+
 def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
-    """Class decorator: make a family available by its ``name`` to detection and ``--model_family``."""
+    """Class decorator: make a family available by its ``name`` to detection and ``--model_family``.
+    A family missing a required attribute or method is a :class:`TrainerError` naming them."""
+    missing = [a for a in REQUIRED_ATTRIBUTES if not hasattr(cls, a)] + sorted(cls.__abstractmethods__)
+    if missing:
+        raise TrainerError(f"model family {cls.__module__}.{cls.__name__} does not define {', '.join(missing)} "
+                           "(see trainer/models/base.py ModelFamily)")
     FAMILIES[cls.name] = cls()
     return cls
 
 
+def families() -> dict[str, ModelFamily]:
+    """Every family, by name, in the order of :func:`~trainer.models.family_names` (detection tries them
+    in that order). Imports each family package once; a package that registers no family of its own
+    name is a :class:`TrainerError`."""
+    from . import family_names
+
+    names = family_names()
+    for name in names:
+        if name not in FAMILIES:
+            importlib.import_module(f"{__package__}.{name}")
+            if name not in FAMILIES:
+                raise TrainerError(f"trainer/models/{name}/ registers no model family named {name!r} "
+                                   "(its ModelFamily subclass needs name = the package's name and "
+                                   "@register_family)")
+    return {name: FAMILIES[name] for name in names}
+
+
 def get_family(name: str) -> ModelFamily:
+    known = families()
     try:
-        return FAMILIES[name]
+        return known[name]
     except KeyError:
-        raise TrainerError(f"--model_family: unknown family {name!r} (known: {', '.join(FAMILIES)})") from None
+        raise TrainerError(f"--model_family: unknown family {name!r} (known: {', '.join(known)})") from None
 
 
-class ModelFamily:
-    """What the trainer needs to know about one kind of diffusion model."""
+def detect_family(config: dict[str, Any], where: str) -> ModelFamily:
+    """The family whose :meth:`ModelFamily.matches` takes a denoiser's ``config.json`` (read from
+    ``where``); none is a :class:`TrainerError` asking for ``--model_family``."""
+    known = families()
+    for family in known.values():
+        if family.matches(config):
+            return family
+    raise TrainerError(f"--model: cannot tell the model family of {where} ({config.get('_class_name')}); "
+                       f"pass --model_family (known: {', '.join(known)})")
 
+
+def vae_scale_factor(vae_config: dict | None) -> int:
+    """Pixels per latent pixel of a VAE from its ``config.json`` (as diffusers' pipelines compute it: one
+    downsampler between each pair of blocks); 8 without a VAE config."""
+    if vae_config is None:
+        return 8
+    return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
+@dataclass(frozen=True)
+class FamilyEncoding:
+    """What ``lora-prepare`` needs to make a family's data beyond its VAE (and what reading a ComfyUI
+    LATENT needs)."""
+
+    #: default training resolution (buckets hold at most this many pixels squared)
+    resolution: int
+    #: the denoiser's own downsampling or patching, in latent pixels, from its ``config.json``; a bucket
+    #: side is a multiple of the VAE factor times this
+    denoiser_factor: Callable[[dict], int]
+    #: (pipeline, captions, device) -> conditioning columns ``{name: tensor [B, ...]}``, through the
+    #: family's diffusers pipeline's ``encode_prompt`` (the pipeline holds the text encoders)
+    encode_text: Callable[[Any, list[str], torch.device], dict[str, torch.Tensor]]
+    #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE
+    latent_scale: tuple[float, float]
+
+
+class ModelFamily(ABC):
+    """What the trainer needs to know about one kind of diffusion model.
+
+    A subclass sets the class attributes below and implements :meth:`matches`, :meth:`make_objective`
+    and :meth:`forward`; every other method has a default that suits a diffusers-named denoiser and
+    can be overridden. The loop, ``lora-prepare``, sampling, the file layouts and ``--model_family``
+    only use this interface.
+    """
+
+    #: the family's name: its package's name and the ``--model_family`` value
     name: ClassVar[str]
+    #: for ``lora-prepare``, sampling and ComfyUI LATENT inputs: text encoding, VAE constants, bucket step
+    encoding: ClassVar[FamilyEncoding]
     #: diffusers class of the denoiser, and its subfolder in a pipeline folder
     denoiser_class: ClassVar[type]
     subfolder: ClassVar[str]
@@ -46,6 +129,7 @@ class ModelFamily:
     #: conditioning columns used when the data has them (else derived): name -> number of dims per row
     optional_conditioning: ClassVar[dict[str, int]] = {}
 
+    @abstractmethod
     def matches(self, config: dict[str, Any]) -> bool:
         """Whether a denoiser config (its ``config.json``) belongs to this family."""
         raise NotImplementedError
@@ -61,11 +145,13 @@ class ModelFamily:
         """Raise :class:`TrainerError` if rows of these shapes (``latents`` and the conditioning
         columns, per row) cannot feed ``model``."""
 
+    @abstractmethod
     def make_objective(self, loaded: LoadedModel, options: ObjectiveOptions):
         """The run's objective (:mod:`trainer.objectives`), with the constant keyword inputs of
         :meth:`forward` in its ``model_inputs``."""
         raise NotImplementedError
 
+    @abstractmethod
     def forward(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, batch: dict[str, torch.Tensor],
                 **inputs) -> torch.Tensor:
         """The denoiser's prediction, shaped like ``noisy``, from the batch's conditioning columns."""
@@ -97,13 +183,24 @@ class ModelFamily:
         key = self.kohya_prefix + module.replace(".", "_")
         return {f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()}
 
-    def offset_tensors(self, model: torch.nn.Module, offsets: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def offset_tensors(self, model: torch.nn.Module,
+                       offsets: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The full offsets (module -> {"diff", "diff_b"}, fp32) under this family's file keys: by default
         :meth:`file_tensors` per module, which ComfyUI reads (diffusers' loaders do not read offsets)."""
         state = {}
         for module, tensors in offsets.items():
             state.update(self.file_tensors(module, tensors))
         return state
+
+    def module_spellings(self, model: torch.nn.Module) -> dict[str, str]:
+        """Other dotted names that files (other tools' LoRAs) use for the model's modules -> diffusers
+        module path, beyond the model's own names (SD/SDXL: the original LDM UNet's names)."""
+        return {}
+
+    def comfyui_extra_columns(self, extra: dict) -> dict[str, torch.Tensor]:
+        """Conditioning columns taken from the extras of one ComfyUI CONDITIONING entry (``extra``: its
+        dict) besides ``prompt_embeds`` and ``pooled_prompt_embeds``; by default none."""
+        return {}
 
     def comfyui_names(self, model: torch.nn.Module) -> dict:
         """Diffusers module path -> :class:`~trainer.adapters.comfyui.ComfyPart`, where ComfyUI's model

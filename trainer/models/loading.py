@@ -11,7 +11,16 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainerError
-from .base import CHECKPOINT_PREFIX, FAMILIES, LoadedModel, ModelFamily, get_family, read_json
+from .base import (
+    CHECKPOINT_PREFIX,
+    LoadedModel,
+    ModelFamily,
+    detect_family,
+    families,
+    get_family,
+    read_json,
+    vae_scale_factor,
+)
 from .precision import FP8, apply_weight_dtype, quantization_config
 
 logger = logging.getLogger(__name__)
@@ -253,8 +262,9 @@ def _single_file_family(state_dict, family: str, path: Path) -> ModelFamily:
         return get_family(family)
     fam = checkpoint_family(state_dict)
     if fam is None:
+        known = [f.name for f in families().values() if type(f).matches_checkpoint is not ModelFamily.matches_checkpoint]
         raise TrainerError(f"--model: {path.name} is no single-file layout known here ({describe_layout(state_dict)}); "
-                           "known: SD 1.x/2.x/SDXL checkpoints, Flux.1 (BFL names), SD3/3.5 (joint_blocks); "
+                           f"known: the original layouts of {', '.join(known)}; "
                            "pass --model_family and --model_config for others")
     return fam
 
@@ -270,7 +280,7 @@ def describe_layout(state_dict: dict[str, torch.Tensor]) -> str:
 
 def checkpoint_family(state_dict: dict[str, torch.Tensor]) -> ModelFamily | None:
     """The family whose denoiser a single-file checkpoint (original key names) holds, or None."""
-    return next((fam for fam in FAMILIES.values() if fam.matches_checkpoint(state_dict)), None)
+    return next((fam for fam in families().values() if fam.matches_checkpoint(state_dict)), None)
 
 
 def _vae_scale_factor(pipeline_root: Path) -> int:
@@ -278,7 +288,7 @@ def _vae_scale_factor(pipeline_root: Path) -> int:
     vae_config = pipeline_root / "vae" / "config.json"
     if not vae_config.is_file():
         return 8
-    return 2 ** (len(read_json(vae_config).get("block_out_channels", [0] * 4)) - 1)
+    return vae_scale_factor(read_json(vae_config))
 
 
 def _detect(config: dict, family: str, where: str) -> ModelFamily:
@@ -288,11 +298,7 @@ def _detect(config: dict, family: str, where: str) -> ModelFamily:
             logger.warning("--model_family %s does not match %s (%s); using it anyway",
                            family, where, config.get("_class_name"))
         return fam
-    for fam in FAMILIES.values():
-        if fam.matches(config):
-            return fam
-    raise TrainerError(f"--model: cannot tell the model family of {where} ({config.get('_class_name')}); "
-                       f"pass --model_family (known: {', '.join(FAMILIES)})")
+    return detect_family(config, where)
 
 
 def _prediction_type(scheduler_config: dict | None, requested: str) -> str:

@@ -16,46 +16,34 @@ alpha is its rank (``ss_network_alpha``). Other algorithms keep LyCORIS tensors 
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
+
 from diffusers import SD3Transformer2DModel
 
-from ..errors import TrainerError
-from ..objectives import FlowMatchObjective
-from .base import ModelFamily, checkpoint_tensor, denoiser_keys, has_checkpoint_key, read_json, register_family
+from ...errors import TrainerError
+from ...objectives import FlowMatchObjective
+from ..base import (
+    FamilyEncoding,
+    ModelFamily,
+    checkpoint_tensor,
+    denoiser_keys,
+    has_checkpoint_key,
+    read_json,
+    register_family,
+)
+from ..mmdit import check_text_conditioning, has_module, peft_file_tensors
 
+CONFIGS = Path(__file__).parent / "configs"
 #: FlowMatchEulerDiscreteScheduler config of SD3 medium and SD3.5, for a model without a scheduler/ folder
 DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                      "shift": 3.0}
 
 
-def peft_file_tensors(module: str, tensors: dict[str, torch.Tensor],
-                      fold_alpha: bool) -> dict[str, torch.Tensor]:
-    """A LoRA module's tensors under diffusers/PEFT names (``transformer.<module>.lora_A.weight``);
-    ``fold_alpha`` multiplies ``lora_B`` by ``alpha / rank`` and drops the alpha tensor."""
-    down, up, alpha = tensors["lora_down.weight"], tensors["lora_up.weight"], tensors["alpha"]
-    key = f"transformer.{module}"
-    if fold_alpha:
-        return {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up * (alpha / down.shape[0])}
-    return {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, f"{key}.alpha": alpha}
-
-
-def _has(model, module: str) -> bool:
-    try:
-        model.get_submodule(module)
-        return True
-    except AttributeError:
-        return False
-
-
-def check_text_conditioning(model, shapes: dict[str, tuple[int, ...]]) -> None:
-    """prompt_embeds / pooled_prompt_embeds widths against an MMDiT's config (SD3 and Flux)."""
-    config = model.config
-    widths = {"prompt_embeds": "joint_attention_dim", "pooled_prompt_embeds": "pooled_projection_dim"}
-    for name, field in widths.items():
-        dim = shapes[name][-1]
-        if dim != config[field]:
-            raise TrainerError(f"{name} have {dim} features but the model's {field} is {config[field]}: "
-                               "the conditioning was encoded for another model")
+def encode_text(pipe, captions, device):
+    # CLIP-L/G hidden states + T5 tokens (zeros without text_encoder_3), pooled CLIP-L + CLIP-G
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
 
 @register_family
@@ -69,6 +57,7 @@ class StableDiffusion3(ModelFamily):
     default_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     conditioning = {"prompt_embeds": 2, "pooled_prompt_embeds": 1}
+    encoding = FamilyEncoding(1024, lambda config: config["patch_size"], encode_text, latent_scale=(1.5305, 0.0609))
 
     def matches(self, config):
         return config.get("_class_name") == "SD3Transformer2DModel"
@@ -77,8 +66,6 @@ class StableDiffusion3(ModelFamily):
         return has_checkpoint_key(state_dict, "joint_blocks.0.context_block.adaLN_modulation.1.bias")
 
     def single_file_config(self, state_dict):
-        from .sd import CONFIGS
-
         # SD3.5 medium has a second image attention (MMDiT-X) in its first blocks; SD3.5 large has qk norms
         if has_checkpoint_key(state_dict, "joint_blocks.0.x_block.attn2.qkv.weight"):
             variant = "sd35_medium"
@@ -146,7 +133,7 @@ class StableDiffusion3(ModelFamily):
 
     def comfyui_names(self, model):
         # ComfyUI's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py), as its key maps name it
-        from ..adapters.comfyui import fused, renamed
+        from ...adapters.comfyui import fused, renamed
 
         names = renamed("", "", {
             "context_embedder": "context_embedder", "pos_embed.proj": "x_embedder.proj",
@@ -175,9 +162,9 @@ class StableDiffusion3(ModelFamily):
                                                                               "add_v_proj")),
                                               ("attn2", "x_block.attn2", ("to_q", "to_k", "to_v"))):
                 members = [f"{block}{attn}.{p}" for p in projections]
-                if all(_has(model, m) for m in members):
+                if all(has_module(model, m) for m in members):
                     names.update(fused(model, f"{to}{stream}.qkv", members))
-        return {k: v for k, v in names.items() if _has(model, k)}
+        return {k: v for k, v in names.items() if has_module(model, k)}
 
     def file_tensors(self, module, tensors):
         if "lora_down.weight" in tensors:

@@ -10,13 +10,17 @@ uncropped image: sizes = latent size x the VAE scale factor, crop = (0, 0).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..errors import TrainerError
-from ..objectives import DDPMObjective
-from .base import ModelFamily, has_checkpoint_key, read_json, register_family
-from .sd import CONFIGS
+from ...errors import TrainerError
+from ...objectives import DDPMObjective
+from ..base import FamilyEncoding, ModelFamily, has_checkpoint_key, read_json, register_family
+from ..unet_names import ldm_module_spellings, unet_comfyui_names, unet_factor
+
+CONFIGS = Path(__file__).parent / "configs"
 
 #: SDXL's added-conditioning MLP: diffusers module -> LDM module (the name its kohya keys use)
 ADDED_EMBEDDING_LDM_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
@@ -36,6 +40,13 @@ def time_ids(batch: dict[str, torch.Tensor], latent_size: tuple[int, int], vae_s
     return torch.cat([batch[name].float() if name in batch else defaults[name] for name in TIME_ID_COLUMNS], dim=1)
 
 
+def encode_text(pipe, captions, device):
+    # both CLIPs' penultimate hidden states concatenated, pooled output of text_encoder_2
+    embeds, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
 @register_family
 class StableDiffusionXL(ModelFamily):
     name = "sdxl"
@@ -46,6 +57,7 @@ class StableDiffusionXL(ModelFamily):
     default_targets = ("to_q", "to_k", "to_v", "to_out.0")
     conditioning = {"prompt_embeds": 2, "pooled_prompt_embeds": 1}
     optional_conditioning = {name: 1 for name in TIME_ID_COLUMNS}
+    encoding = FamilyEncoding(1024, unet_factor, encode_text, latent_scale=(0.13025, 0.0))
 
     def matches(self, config):
         return (config.get("_class_name") == "UNet2DConditionModel"
@@ -94,10 +106,20 @@ class StableDiffusionXL(ModelFamily):
     def base_model_version(self, model):
         return "sdxl_base_v1-0"  # kohya's value for SDXL base and its fine-tunes
 
-    def comfyui_names(self, model):
-        from .sd import unet_comfyui_names
+    def comfyui_extra_columns(self, extra):
+        # the size columns (height, width order), with the defaults ComfyUI's SDXL model uses where an
+        # entry is missing (comfy/model_base.py SDXL.encode_adm: 768 x 768, crop (0, 0), target = original)
+        height, width = float(extra.get("height", 768)), float(extra.get("width", 768))
+        return {"original_size": torch.tensor([height, width]),
+                "crop_coords": torch.tensor([float(extra.get("crop_h", 0)), float(extra.get("crop_w", 0))]),
+                "target_size": torch.tensor([float(extra.get("target_height", height)),
+                                             float(extra.get("target_width", width))])}
 
+    def comfyui_names(self, model):
         return unet_comfyui_names(model)
+
+    def module_spellings(self, model):
+        return ldm_module_spellings(model)
 
     def file_tensors(self, module, tensors):
         # diffusers' kohya converter turns lora_unet_add_embedding_linear_1 into "add.embedding..." and

@@ -134,3 +134,20 @@ def _to_ldm(name: str, blocks: dict[str, tuple[str, str]]) -> str | None:
                 rest = [renames[rest[0]], *rest[1:]]
             return ".".join([ldm_prefix, *rest])
     return None
+
+
+def unet_comfyui_names(model) -> dict:
+    """ComfyUI names a UNet's modules as the original LDM UNet does (SD 1.x/2.x and SDXL)."""
+    from ..adapters.comfyui import ComfyPart
+
+    return {name: ComfyPart(ldm) for ldm, name in ldm_to_diffusers_names(model.config).items()}
+
+
+def ldm_module_spellings(model) -> dict[str, str]:
+    """The original LDM UNet names files (kohya's SD/SDXL LoRAs) use for a UNet's modules -> module path."""
+    return ldm_to_diffusers_names(model.config)
+
+
+def unet_factor(config: dict) -> int:
+    """A UNet's downsampling in latent pixels: one downsampler between each pair of blocks."""
+    return 2 ** (len(config["block_out_channels"]) - 1)

@@ -16,15 +16,18 @@ algorithms keep LyCORIS tensors under ``lora_transformer_<module with _>`` (Comf
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import FluxTransformer2DModel
 
-from ..errors import TrainerError
-from ..objectives import FlowMatchObjective
-from .base import ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
-from .flux_names import bfl_to_diffusers, flux_config
-from .sd import CONFIGS
-from .sd3 import check_text_conditioning, peft_file_tensors
+from ...errors import TrainerError
+from ...objectives import FlowMatchObjective
+from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
+from ..mmdit import check_text_conditioning, peft_file_tensors
+from .names import bfl_to_diffusers, flux_config
+
+CONFIGS = Path(__file__).parent / "configs"
 
 #: FlowMatchEulerDiscreteScheduler configs of FLUX.1 dev (resolution-dependent shift) and schnell
 DEV_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
@@ -56,6 +59,12 @@ def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
     return grid.reshape(rows * cols, 3)
 
 
+def encode_text(pipe, captions, device):
+    # T5 tokens, CLIP-L pooled
+    embeds, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
 @register_family
 class Flux(ModelFamily):
     name = "flux"
@@ -67,6 +76,9 @@ class Flux(ModelFamily):
     default_targets = ("to_q", "to_k", "to_v", "to_out.0",
                        "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     conditioning = {"prompt_embeds": 2, "pooled_prompt_embeds": 1}
+    # Flux packs 2x2 latent patches into one token
+    encoding = FamilyEncoding(1024, lambda config: 2 * config.get("patch_size", 1), encode_text,
+                              latent_scale=(0.3611, 0.1159))
 
     def matches(self, config):
         return config.get("_class_name") == "FluxTransformer2DModel"
@@ -129,7 +141,7 @@ class Flux(ModelFamily):
 
     def comfyui_names(self, model):
         # ComfyUI's Flux (comfy/ldm/flux/model.py), as its key maps name it; its RMSNorms hold "scale"
-        from ..adapters.comfyui import fused, renamed
+        from ...adapters.comfyui import fused, renamed
 
         names = renamed("", "", {
             "x_embedder": "img_in", "context_embedder": "txt_in",

@@ -7,9 +7,18 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from ..errors import TrainerError
-from ..objectives import DDPMObjective
-from .base import CHECKPOINT_PREFIX, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
+from ...errors import TrainerError
+from ...objectives import DDPMObjective
+from ..base import (
+    CHECKPOINT_PREFIX,
+    FamilyEncoding,
+    ModelFamily,
+    denoiser_keys,
+    has_checkpoint_key,
+    read_json,
+    register_family,
+)
+from ..unet_names import ldm_module_spellings, unet_comfyui_names, unet_factor
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -18,6 +27,11 @@ def with_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A checkpoint's denoiser keys under ``model.diffusion_model.``, where diffusers' detection looks,
     also for a UNet-only file (ComfyUI's diffusion_models/) that has them bare."""
     return {CHECKPOINT_PREFIX + key: t for key, t in denoiser_keys(state_dict).items()}
+
+
+def encode_text(pipe, captions, device):
+    embeds, _ = pipe.encode_prompt(captions, device, 1, False)  # CLIP last hidden state [B, 77, D]
+    return {"prompt_embeds": embeds}
 
 
 @register_family
@@ -29,6 +43,7 @@ class StableDiffusion(ModelFamily):
     # the attention projections of every transformer block (self- and cross-attention)
     default_targets = ("to_q", "to_k", "to_v", "to_out.0")
     conditioning = {"prompt_embeds": 2}
+    encoding = FamilyEncoding(512, unet_factor, encode_text, latent_scale=(0.18215, 0.0))
 
     def matches(self, config):
         return config.get("_class_name") == "UNet2DConditionModel" and config.get("addition_embed_type") is None
@@ -72,10 +87,6 @@ class StableDiffusion(ModelFamily):
     def comfyui_names(self, model):
         return unet_comfyui_names(model)
 
+    def module_spellings(self, model):
+        return ldm_module_spellings(model)
 
-def unet_comfyui_names(model) -> dict:
-    """ComfyUI names a UNet's modules as the original LDM UNet does (SD 1.x/2.x and SDXL)."""
-    from ..adapters.comfyui import ComfyPart
-    from .sd_names import ldm_to_diffusers_names
-
-    return {name: ComfyPart(ldm) for ldm, name in ldm_to_diffusers_names(model.config).items()}
