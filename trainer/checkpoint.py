@@ -36,6 +36,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .adapters import ADAPTER_NAME
+from .compat import unwrap
 from .distributed import shards_the_model
 from .errors import TrainerError
 from .outputs import atomic_path, umask_modes, write_failure, write_json
@@ -80,7 +81,7 @@ def register_adapter_hooks(accelerator, progress: Progress, offsets=None) -> Non
         if accelerator.is_main_process:
             from safetensors.torch import save_file
 
-            model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
+            model = unwrap(accelerator, models[0])
             state = {k: v.detach().float().contiguous().cpu()
                      for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
             with atomic_path(Path(output_dir, ADAPTER_FILE)) as tmp:
@@ -98,7 +99,7 @@ def register_adapter_hooks(accelerator, progress: Progress, offsets=None) -> Non
             return  # FSDP/DeepSpeed restore the model from their own checkpoint
         from safetensors.torch import load_file
 
-        model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
+        model = unwrap(accelerator, models[0])
         state = load_file(str(Path(input_dir, ADAPTER_FILE)))  # load_state_dict copies to the device
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
@@ -26,6 +25,7 @@ from . import checkpoint, comfy_inputs
 from .adapters import adapter_layers, attach_adapter, export_adapter, get_algorithm
 from .adapters.targets import Offsets, base_modules, offset_parameters, resolve_targets
 from .checkpoint import Progress
+from .compat import reset_single_process_state, unwrap
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader, fitted_batch_size, open_dataset
 from .distributed import cpu_only_multiprocess, full_parameters
@@ -497,7 +497,7 @@ def should_stop(accelerator: Accelerator, stop: threading.Event, at_log_step: bo
 def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_second: float,
            wall_seconds: float, watch_seconds: float = 0.0) -> TrainResult:
     cfg, progress = run.cfg, run.progress
-    model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
+    model = unwrap(accelerator, denoiser)
     model.eval()
     dtype = _DTYPES[cfg.lora_dtype]
     with full_parameters(accelerator, denoiser):
@@ -655,11 +655,9 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     if missing:
         raise TrainerError(f"--report_to {cfg.report_to}: {', '.join(missing)} is not installed "
                            f"(pip install {' '.join(missing)})")
-    if PartialState._shared_state and PartialState().num_processes == 1:
-        # a library caller may train several times in one process with different precisions;
-        # accelerate keeps its state process-wide, so start each single-process run afresh
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    # a library caller may train several times in one process with different precisions; accelerate
+    # keeps its state process-wide, so start each single-process run afresh
+    reset_single_process_state()
     return Accelerator(
         cpu=cpu_only_multiprocess(),
         gradient_accumulation_steps=cfg.grad_accumulation_steps,

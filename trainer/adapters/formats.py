@@ -478,10 +478,10 @@ def _metadata_alpha(metadata: dict[str, str], family: ModelFamily):
         default = diffusers.get("lora_alpha", diffusers.get("alpha"))
         pattern = diffusers.get("alpha_pattern") or {}
         if default is not None or pattern:
-            from peft.utils.other import get_pattern_key  # peft's own rule for matching pattern keys
+            from ..compat import pattern_key  # peft's own rule for matching pattern keys
 
             def from_diffusers(module, _shape):
-                key = get_pattern_key(list(pattern), module)
+                key = pattern_key(pattern, module)
                 value = pattern.get(key, default)
                 return None if value is None else float(value)
 

@@ -188,7 +188,8 @@ def _assign_stored(cls, config: dict, state_dict: dict[str, torch.Tensor], how: 
     flux1-dev-fp8) would be held in bf16 (twice its size) before going back to fp8; this holds it
     once, in fp8. diffusers' own key conversion for the class is used when the names differ."""
     from accelerate import init_empty_weights
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from ..compat import single_file_converter
 
     with init_empty_weights():
         model = cls.from_config(config)
@@ -196,7 +197,7 @@ def _assign_stored(cls, config: dict, state_dict: dict[str, torch.Tensor], how: 
     apply_weight_dtype(model, how.weight_dtype, how.dtype)  # the stored layers' meta parameters turn fp8
     expected = model.state_dict()
     if set(expected) != set(state_dict):
-        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+        convert = single_file_converter(cls.__name__)
         state_dict = convert(config=config, checkpoint=state_dict)
     for key in list(state_dict):
         if key in expected and state_dict[key].is_floating_point():

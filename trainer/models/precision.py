@@ -86,8 +86,9 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds in memory, counting the inner tensors of a quantized tensor subclass."""
     if is_plain(tensor):
         return tensor.numel() * tensor.element_size()
-    names, _ = tensor.__tensor_flatten__()  # torchao's tensors: qdata, scale, ...
-    return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    from ..compat import quantized_parts
+
+    return sum(tensor_bytes(part) for part in quantized_parts(tensor))  # torchao's: qdata, scale, ...
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:
