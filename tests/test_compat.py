@@ -17,6 +17,7 @@ pytestmark = pytest.mark.unit
 def test_reset_single_process_state_lets_a_second_accelerator_choose_again():
     from accelerate import Accelerator
 
+    compat.reset_single_process_state()  # an earlier test's state, if any
     first = Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
     assert first.mixed_precision == "bf16"
     assert compat.reset_single_process_state() is True

@@ -12,6 +12,7 @@ from trainer.config import TrainConfig, parse_args
 from trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.unit  # the whole file: parsing only, no training run
 
 NODE_DEFAULTS = dict(batch_size=1, grad_accumulation_steps=1, steps=16, learning_rate=0.0005, rank=8,
                      optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="bf16", lora_dtype="bf16",
