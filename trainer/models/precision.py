@@ -25,6 +25,8 @@ import torch
 from ..errors import TrainerError
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2", "int8")
+#: the one table from a dtype's name in the options (--training_dtype, --lora_dtype, prepare's --dtype) to torch's
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
                 torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
