@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,22 @@ def test_missing_tracker_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
     with pytest.raises(TrainerError, match="tensorboard is not installed"):
         train_lora(report_to="tensorboard", steps=1)
+
+
+def test_choices_are_the_registries():
+    """config.py lists the choices without importing torch (``--help`` stays instant); this ties each list
+    to the registry that implements it, so a new optimizer, loss, algorithm or family cannot be offered
+    without being implemented, or implemented without being offered."""
+    from trainer.adapters import ALGORITHMS
+    from trainer.losses import LOSSES
+    from trainer.models import FAMILIES
+    from trainer.models.precision import DTYPES, WEIGHT_DTYPES
+    from trainer.optim import OPTIMIZERS
+
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
+    assert set(choices["optimizer"]) == set(OPTIMIZERS)
+    assert set(choices["loss_function"]) == set(LOSSES)
+    assert set(choices["algorithm"]) == set(ALGORITHMS)
+    assert set(choices["model_family"]) == {"auto", *FAMILIES}
+    assert tuple(choices["weight_dtype"]) == WEIGHT_DTYPES
+    assert set(choices["training_dtype"]) <= set(DTYPES) and set(choices["lora_dtype"]) <= set(DTYPES)
