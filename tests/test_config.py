@@ -133,3 +133,11 @@ def test_choices_are_the_registries():
     assert set(choices["model_family"]) == {"auto", *FAMILIES}
     assert tuple(choices["weight_dtype"]) == WEIGHT_DTYPES
     assert set(choices["training_dtype"]) <= set(DTYPES) and set(choices["lora_dtype"]) <= set(DTYPES)
+
+
+def test_objective_options_default_to_the_configs_defaults():
+    """ObjectiveOptions (the objective's part of the config) repeats TrainConfig's defaults for callers that
+    build an objective directly; they must stay the same values."""
+    from trainer.objectives import ObjectiveOptions
+
+    assert ObjectiveOptions() == ObjectiveOptions.from_config(TrainConfig())
