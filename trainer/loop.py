@@ -436,7 +436,7 @@ def _attach(cfg: TrainConfig, loaded: LoadedModel, data: TrainingData | StreamDa
     family, denoiser = loaded.family, loaded.denoiser
     targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser)
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
-    algorithm_name, existing, progress = cfg.algorithm, None, Progress()
+    algorithm_name, existing = cfg.algorithm, None
     if cfg.existing_lora is not None:
         from .adapters.formats import read_existing_adapter
 
@@ -444,7 +444,6 @@ def _attach(cfg: TrainConfig, loaded: LoadedModel, data: TrainingData | StreamDa
         attach = existing.attach_arguments()
         algorithm_name = existing.algorithm
         _report_overrides(cfg, algorithm_name, attach)
-        progress.base = existing.steps
     algorithm = get_algorithm(algorithm_name)
     params = attach_adapter(denoiser, algorithm, seed=cfg.seed, **attach)
     offsets = _train_offsets(denoiser, train_offsets, existing.deltas if existing is not None else {})
@@ -461,6 +460,7 @@ def _attach(cfg: TrainConfig, loaded: LoadedModel, data: TrainingData | StreamDa
         params = [p for p in denoiser.parameters() if p.requires_grad]
         logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
                     algorithm_name, len(existing.modules), existing.steps)
+    progress = Progress(base=existing.steps if existing is not None else 0)  # a continued file's steps count on
     return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
 
 
