@@ -12,6 +12,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from trainer.demo import DEMO_UNET_CONFIG, build_demo_model
 
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: "-m e2e" sees the markers set here
+def pytest_collection_modifyitems(config, items):
+    """Two tiers in one run: the unit tier (tests marked ``unit``: pure functions, seconds) first, so a
+    broken config parser or layout fails before any training run starts; then the end-to-end tier
+    (every other test, marked ``e2e`` here). Within a tier the files keep their order."""
+    for item in items:
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.e2e)
+    items.sort(key=lambda item: item.get_closest_marker("unit") is None)
+
+
 #: fast defaults for library calls in tests: fp32, so results compare tightly
 FAST = dict(steps=2, training_dtype="fp32", lora_dtype="fp32", gradient_checkpointing=False, log_every=1)
 

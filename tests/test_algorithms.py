@@ -182,6 +182,7 @@ def test_checkpoint_state_and_merge(trained, case):
     torch.testing.assert_close(output(merged), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.unit
 def test_fresh_adapters_start_as_the_identity():
     base = output(build_demo_model())
     for algorithm in ("LoHa", "LoKr", "OFT"):
@@ -233,6 +234,7 @@ def test_trains_with_every_precision_and_optimizer(algorithm, optimizer, trainin
     assert len(modules) >= 82 and all(t[ZERO_INIT[algorithm]].abs().max() > 0 for t in modules.values())
 
 
+@pytest.mark.unit
 def test_import_rejects_tensors_that_do_not_fit():
     model = build_demo_model()
     attach_adapter(model, get_algorithm("LoKr"), 8, 1.0, TARGETS, seed=0)  # full w1, w2
@@ -267,6 +269,7 @@ def test_convolutions_export_in_the_loaders_layout(algorithm, rank):
     torch.testing.assert_close(output(reference_merge(lora)), output(model), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("split", ["comfyui-node", "lycoris-factor-4"])
 def test_lokr_files_split_another_way_keep_their_shapes(split):
     """LoKr files whose factors split the dimensions otherwise than ours (ComfyUI's training node: w1

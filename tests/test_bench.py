@@ -1,10 +1,14 @@
-"""Smoke test: the benchmark runs end to end on tiny sizes (it measures; it asserts nothing about speed)."""
+"""Smoke test: the benchmark runs end to end on tiny sizes (it measures; it asserts nothing about speed).
+
+Minutes each, so outside the default run: ``python -m pytest -m bench``."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.bench
 
 ROOT = Path(__file__).resolve().parents[1]
 

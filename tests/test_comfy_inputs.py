@@ -69,12 +69,14 @@ def test_sdxl_size_entries_become_the_time_ids():
     assert node.loss == ours.loss
 
 
+@pytest.mark.unit
 def test_conditioning_count_must_be_one_or_one_per_latent():
     raw, conditioning = node_inputs("sd", 4, 2)
     with pytest.raises(TrainerError, match="2 CONDITIONING entries but --latents has 4 latents"):
         train_lora("demo", {"samples": raw}, conditioning, **FAST)
 
 
+@pytest.mark.unit
 def test_missing_pooled_output_is_named():
     raw, conditioning = node_inputs("sd3", 2, 1)
     del conditioning[0][1]["pooled_output"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from trainer.config import TrainConfig, parse_args
 from trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.unit  # the whole file: parsing only, no training run
 
 NODE_DEFAULTS = dict(batch_size=1, grad_accumulation_steps=1, steps=16, learning_rate=0.0005, rank=8,
                      optimizer="AdamW", loss_function="MSE", seed=0, training_dtype="bf16", lora_dtype="bf16",
@@ -112,3 +114,30 @@ def test_missing_tracker_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)
     with pytest.raises(TrainerError, match="tensorboard is not installed"):
         train_lora(report_to="tensorboard", steps=1)
+
+
+def test_choices_are_the_registries():
+    """config.py lists the choices without importing torch (``--help`` stays instant); this ties each list
+    to the registry that implements it, so a new optimizer, loss, algorithm or family cannot be offered
+    without being implemented, or implemented without being offered."""
+    from trainer.adapters import ALGORITHMS
+    from trainer.losses import LOSSES
+    from trainer.models import FAMILIES
+    from trainer.models.precision import DTYPES, WEIGHT_DTYPES
+    from trainer.optim import OPTIMIZERS
+
+    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
+    assert set(choices["optimizer"]) == set(OPTIMIZERS)
+    assert set(choices["loss_function"]) == set(LOSSES)
+    assert set(choices["algorithm"]) == set(ALGORITHMS)
+    assert set(choices["model_family"]) == {"auto", *FAMILIES}
+    assert tuple(choices["weight_dtype"]) == WEIGHT_DTYPES
+    assert set(choices["training_dtype"]) <= set(DTYPES) and set(choices["lora_dtype"]) <= set(DTYPES)
+
+
+def test_objective_options_default_to_the_configs_defaults():
+    """ObjectiveOptions (the objective's part of the config) repeats TrainConfig's defaults for callers that
+    build an objective directly; they must stay the same values."""
+    from trainer.objectives import ObjectiveOptions
+
+    assert ObjectiveOptions() == ObjectiveOptions.from_config(TrainConfig())

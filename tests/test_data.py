@@ -22,6 +22,7 @@ def training_data(latents, positive=None):
     return TrainingData(latents, positive, SD, build_demo_model())
 
 
+@pytest.mark.unit
 def test_save_to_disk_parquet_and_nested_lists_read_the_same(tmp_path):
     ds = make_dataset(rows=4)
     ds.save_to_disk(str(tmp_path / "saved"))
@@ -35,6 +36,7 @@ def test_save_to_disk_parquet_and_nested_lists_read_the_same(tmp_path):
             torch.testing.assert_close(got[name], expected[name])
 
 
+@pytest.mark.unit
 def test_positive_with_one_row_is_repeated():
     ds = make_dataset(rows=4, with_embeds=False)
     embeds = torch.randn(1, 8, 32)
@@ -43,6 +45,7 @@ def test_positive_with_one_row_is_repeated():
     assert torch.equal(batch["prompt_embeds"], embeds.expand(3, -1, -1))
 
 
+@pytest.mark.unit
 def test_positive_with_one_row_per_latent(tmp_path):
     from safetensors.torch import save_file
 
@@ -53,11 +56,13 @@ def test_positive_with_one_row_per_latent(tmp_path):
     assert torch.equal(data.rows([2, 0])["prompt_embeds"], embeds[[2, 0]])
 
 
+@pytest.mark.unit
 def test_positive_count_mismatch_names_both_counts():
     with pytest.raises(TrainerError, match="3 rows.*--latents has 4"):
         training_data(make_dataset(rows=4, with_embeds=False), positive=torch.randn(3, 8, 32))
 
 
+@pytest.mark.unit
 def test_missing_columns():
     with pytest.raises(TrainerError, match="no 'latents' column"):
         training_data(make_dataset().rename_column("latents", "x"))
@@ -65,6 +70,7 @@ def test_missing_columns():
         training_data(make_dataset(with_embeds=False))
 
 
+@pytest.mark.unit
 def test_wrong_channels_and_wrong_embedding_width():
     with pytest.raises(TrainerError, match="8 channels but the model expects 4"):
         training_data(make_dataset(channels=8))
@@ -72,6 +78,7 @@ def test_wrong_channels_and_wrong_embedding_width():
         training_data(make_dataset(dim=48))
 
 
+@pytest.mark.unit
 def test_nan_row_is_named():
     ds = make_dataset(rows=6)
 
@@ -94,6 +101,7 @@ def mixed_shapes(shapes, seed=0):
                               "prompt_embeds": [torch.randn(8, 32, generator=g).numpy() for _ in shapes]})
 
 
+@pytest.mark.unit
 def test_mixed_shapes_are_grouped_by_shape_and_never_mixed_in_a_batch():
     """Several latent shapes are buckets: each global batch (so each micro-batch) holds one shape."""
     shapes = [(4, 16, 16), (4, 8, 16), (4, 16, 16), (4, 8, 16), (4, 16, 16), (4, 16, 8)]
@@ -109,17 +117,20 @@ def test_mixed_shapes_are_grouped_by_shape_and_never_mixed_in_a_batch():
     assert 5 not in {r for mb in micro for _, r in mb}  # its bucket cannot fill a global batch of 2
 
 
+@pytest.mark.unit
 def test_buckets_smaller_than_the_global_batch():
     data = training_data(mixed_shapes([(4, 16, 16)] * 2 + [(4, 8, 16)] * 3))
     with pytest.raises(TrainerError, match="larger than every group of rows with one latent shape"):
         StepBatchSampler(data.buckets, 4, 1, 1, seed=0, start_step=0, end_step=1)
 
 
+@pytest.mark.unit
 def test_mixed_channel_counts_are_an_error():
     with pytest.raises(TrainerError, match="row 1 has 8 latent channels but row 0 has 4"):
         training_data(mixed_shapes([(4, 16, 16), (8, 16, 16)]))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("batch, procs, accum", [(2, 2, 1), (2, 1, 2), (1, 2, 2)])
 def test_bucketed_sampler_does_not_depend_on_the_split(batch, procs, accum):
     buckets = [[0, 3, 6, 9, 12], [1, 4, 7, 10, 13, 2, 5], [8, 11, 14, 15]]
@@ -139,11 +150,13 @@ def test_bucketed_training_runs():
     assert len(result.loss["loss"]) == 3 and all(np.isfinite(result.loss["loss"]))
 
 
+@pytest.mark.unit
 def test_missing_path():
     with pytest.raises(TrainerError, match="--latents: no such file"):
         training_data("/no/such/dataset")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("batch, procs, accum", [(4, 1, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)])
 def test_sampler_global_batches_do_not_depend_on_the_split(batch, procs, accum):
     """Each step's global batch is the same set of (position, row) pairs, rows never repeat within a step."""
@@ -159,6 +172,7 @@ def test_sampler_global_batches_do_not_depend_on_the_split(batch, procs, accum):
         assert len(set(rows)) == len(rows)
 
 
+@pytest.mark.unit
 def test_sampler_reshuffles_each_epoch_and_resumes_mid_stream():
     whole = [k for mb in StepBatchSampler(8, 2, 1, 1, seed=0, start_step=0, end_step=8) for k in mb]
     epochs = [[r for _, r in whole[i:i + 8]] for i in (0, 8)]
@@ -196,6 +210,7 @@ def test_several_processes_never_clamp():
     assert fitted_batch_size(4, [[0, 1, 2]], num_processes=2) == 4  # the sampler then names the problem
 
 
+@pytest.mark.unit
 def test_rows_with_a_leading_batch_dimension_of_one_are_read_as_rows():
     """Latents saved as [1, C, H, W] and embeddings as [1, L, D] (encoder outputs as they come)."""
     from datasets import Dataset
@@ -279,6 +294,7 @@ def test_startup_reads_do_not_grow_with_the_row_count(monkeypatch, kind):
     assert counts[0] == counts[1] == ((0, 0) if kind != "nested" else (1, 0))
 
 
+@pytest.mark.unit
 def test_large_dataset_checks_nan_as_batches_are_read(monkeypatch):
     """Beyond UPFRONT_CHECK_BYTES, values are checked per batch, with the same message naming the row."""
     import trainer.data as data_module
@@ -298,6 +314,7 @@ def test_large_dataset_checks_nan_as_batches_are_read(monkeypatch):
         data.rows([1, 4])
 
 
+@pytest.mark.unit
 def test_shape_column_gives_the_same_buckets_and_a_wrong_one_is_caught():
     with_column, without = training_data(bucketed(12, True)), training_data(bucketed(12, False))
     assert [b.tolist() for b in with_column.buckets] == [b.tolist() for b in without.buckets]
@@ -308,6 +325,7 @@ def test_shape_column_gives_the_same_buckets_and_a_wrong_one_is_caught():
         data.rows([0, 1])
 
 
+@pytest.mark.unit
 def test_ragged_nested_rows_are_named():
     from datasets import Dataset
 

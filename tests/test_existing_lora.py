@@ -16,6 +16,7 @@ import pickle
 import pytest
 import torch
 from conftest import FAST, make_dataset, unet_inputs
+from ldm import diffusers_to_ldm_state_dict
 from safetensors.torch import save_file
 
 from trainer import train_lora
@@ -24,7 +25,7 @@ from trainer.adapters.formats import read_existing_adapter
 from trainer.demo import DEMO_UNET_CONFIG, build_demo_model
 from trainer.errors import TrainerError
 from trainer.models import get_family
-from trainer.models.unet_names import diffusers_to_ldm_state_dict, ldm_to_diffusers_names
+from trainer.models.unet_names import ldm_to_diffusers_names
 
 SD = get_family("sd")
 RANK, ALPHA = 4, 2.0
@@ -128,6 +129,7 @@ def test_kohya_names_of_the_ldm_unet(trained, tmp_path):
     assert adapter.steps == 7
 
 
+@pytest.mark.unit
 def test_kohya_locon_convolutions_take_alphas_from_metadata(tmp_path, caplog):
     # kohya's LoCon: Conv2d factors (r, in, k, k) and (out, r, 1, 1); 3x3 layers use conv_dim/conv_alpha
     model = build_demo_model()
@@ -244,6 +246,7 @@ def comfy_node_output(model, rank=2, seed=0):
     return state
 
 
+@pytest.mark.unit
 def test_comfyui_node_output_on_every_layer_applies_as_comfyui_does(tmp_path):
     model = build_demo_model()
     state = comfy_node_output(model)
@@ -359,6 +362,7 @@ def test_lycoris_tensors(trained, tmp_path, algo, algorithm, rank, alpha, prefix
 # ------------------------------------------------------------------ bad files
 
 
+@pytest.mark.unit
 def test_missing_file(tmp_path):
     with pytest.raises(TrainerError, match="no such file"):
         read(tmp_path / "nope.safetensors")
@@ -374,6 +378,7 @@ class _Trap:
         return open, (str(self.sentinel), "w")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["lora.ckpt", "lora.pt", "lora.pth", "lora.bin", "disguised.safetensors"])
 def test_pickle_is_never_unpickled(tmp_path, name):
     sentinel = tmp_path / "unpickled"
@@ -424,6 +429,7 @@ def test_lora_for_another_model(trained, tmp_path):
         read(tmp_path / "flux.safetensors")
 
 
+@pytest.mark.unit
 def test_text_encoder_only_and_unsupported_variants(tmp_path):
     save_file({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8)},
               tmp_path / "te.safetensors")
@@ -451,6 +457,7 @@ def test_text_encoder_only_and_unsupported_variants(tmp_path):
     dict(DEMO_UNET_CONFIG, addition_embed_type="text_time", addition_time_embed_dim=8,
          projection_class_embeddings_input_dim=8 * 6 + 32, use_linear_projection=True),
 ], ids=["demo", "three-blocks", "sdxl-like"])
+@pytest.mark.unit
 def test_ldm_names_agree_with_diffusers_single_file_converter(config):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -465,6 +472,7 @@ def test_ldm_names_agree_with_diffusers_single_file_converter(config):
     assert all(torch.equal(converted[k], state[k]) for k in state)
 
 
+@pytest.mark.unit
 def test_ldm_names_of_sd1():
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint

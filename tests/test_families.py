@@ -378,6 +378,7 @@ def test_sdxl_time_ids_from_columns_and_from_the_vae(tmp_path):
     assert res.loss["loss"][0] == pytest.approx(first_loss("sdxl", tiny_sdxl(), vae_scale_factor=2), rel=1e-4)
 
 
+@pytest.mark.unit
 def test_packing_and_sampling_match_their_definitions():
     x = torch.randn(2, 3, 6, 4)
     assert torch.equal(pack(x), reference_pack(x)) and torch.equal(unpack(pack(x), 6, 4), x)
@@ -407,6 +408,7 @@ def test_scheduler_shift_comes_from_the_pipeline(tmp_path):
     assert res.loss["loss"][0] == pytest.approx(F.mse_loss(out, batch["noise"] - batch["latents"]).item(), rel=1e-4)
 
 
+@pytest.mark.unit
 def test_weighted_loss_keeps_accumulation_equal_to_a_bigger_batch():
     """Per-sample weights are averaged per sample, so a global batch split into micro-batches (or
     processes) gives the same update as one batch."""
@@ -477,10 +479,10 @@ def sd3_original_state_dict(model):
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_single_file_checkpoint_is_detected_and_loads(family, tmp_path):
+    from ldm import diffusers_to_ldm_state_dict
     from safetensors.torch import save_file
 
     from trainer.models.loading import checkpoint_family
-    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     model = FAMILIES[family][0]()
     state = diffusers_to_ldm_state_dict(model) if family == "sdxl" else sd3_original_state_dict(model)

@@ -186,9 +186,8 @@ def test_sdxl_all_in_one_checkpoint_reads_only_the_unet(tmp_path, storage, prefi
     """An A1111/ComfyUI checkpoints/ file: the UNet under model.diffusion_model. next to the VAE and the
     text encoders, stored fp16 or fp8; only the UNet is read, in the training dtype. Bare: a UNet-only
     file as ComfyUI keeps it in diffusion_models/."""
+    from ldm import diffusers_to_ldm_state_dict
     from test_families import tiny_sdxl
-
-    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     unet_state = {k.removeprefix(PREFIX): v for k, v in diffusers_to_ldm_state_dict(tiny_sdxl()).items()}
     others = {"first_stage_model.decoder.conv_in.weight": torch.ones(4, 4, 3, 3),
@@ -356,10 +355,10 @@ def test_int8_unet_trains(tmp_path):
 def test_fp8_file_under_fp8_weight_dtype_is_held_once_in_fp8(tmp_path, family):
     """An fp8 single file with --weight_dtype fp8 is assigned in fp8 (never upcast as a whole): the same
     model as reading it in bf16 and casting afterwards, through diffusers' converter where it applies."""
+    from ldm import diffusers_to_ldm_state_dict
     from test_families import tiny_sdxl
 
     from trainer.models.precision import apply_weight_dtype
-    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     if family == "flux":
         state, output, config = bfl_state_dict(flux_model()), flux_output, None

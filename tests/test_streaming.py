@@ -26,6 +26,7 @@ def batches(source, world=1, rank=0, steps=6, accumulation=1, buffer=4, start=0,
     return stream, list(stream)
 
 
+@pytest.mark.unit
 def test_every_row_once_per_epoch_per_process_and_processes_disjoint(tmp_path):
     ds = make_dataset(rows=16)
     ds.save_to_disk(str(tmp_path / "saved"))
@@ -38,6 +39,7 @@ def test_every_row_once_per_epoch_per_process_and_processes_disjoint(tmp_path):
     assert not seen[0] & seen[1]
 
 
+@pytest.mark.unit
 def test_parquet_files_stream_and_the_order_depends_on_the_seed_only(tmp_path):
     ds = make_dataset(rows=12)
     for i in range(2):
@@ -51,6 +53,7 @@ def test_parquet_files_stream_and_the_order_depends_on_the_seed_only(tmp_path):
     assert not torch.equal(torch.cat([b[LATENTS] for b in one[:2]]), in_order)  # shuffled
 
 
+@pytest.mark.unit
 def test_state_resumes_exactly_mid_block():
     """Blocks of 6 rows hold 3 batches of 2: stopping after 2, 3 or 4 batches leaves the stream mid-block,
     at a block boundary, and mid-block of the next one; a resume from the saved state continues exactly."""
@@ -64,6 +67,7 @@ def test_state_resumes_exactly_mid_block():
                 assert torch.equal(a[key], b[key]), (split, key)
 
 
+@pytest.mark.unit
 def test_buckets_never_mix_in_a_batch():
     from datasets import Dataset
 

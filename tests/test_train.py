@@ -197,10 +197,10 @@ def test_demo_runs_end_to_end(tmp_path):
 
 def test_single_file_checkpoint_loads_with_its_config(tmp_path, pipeline_dir):
     """An original-layout (LDM) .safetensors checkpoint loads through diffusers' single-file loader."""
+    from ldm import diffusers_to_ldm_state_dict
     from safetensors.torch import save_file
 
     from trainer.models import load_model
-    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     unet = build_demo_model()
     path = tmp_path / "model.safetensors"
@@ -234,10 +234,10 @@ def test_dataloader_workers_give_the_same_run():
 
 
 def test_single_file_checkpoint_that_does_not_fit_the_builtin_config(tmp_path):
+    from ldm import diffusers_to_ldm_state_dict
     from safetensors.torch import save_file
 
     from trainer.errors import TrainerError
-    from trainer.models.unet_names import diffusers_to_ldm_state_dict
 
     path = tmp_path / "tiny.safetensors"
     save_file(diffusers_to_ldm_state_dict(build_demo_model()), str(path))

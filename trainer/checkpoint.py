@@ -36,9 +36,10 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
 from .adapters import ADAPTER_NAME
+from .compat import unwrap
 from .distributed import shards_the_model
 from .errors import TrainerError
-from .outputs import atomic_path, umask_modes, write_failure, write_json
+from .outputs import save_adapter_file, umask_modes, write_failure, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ OFFSETS_FILE = "offsets.safetensors"
 
 @dataclass
 class Progress:
-    """Where a run stands: saved in every checkpoint and restored on resume."""
+    """Where a run stands: saved in every checkpoint and restored on resume. Its values change only
+    through the methods below (the loop's :class:`~trainer.loop.Trainer`, the held-out loss of
+    :class:`~trainer.watch.Watch` and a checkpoint's load call them)."""
 
     #: optimizer steps done in this run (``--steps`` counts these)
     done: int = 0
@@ -67,6 +70,28 @@ class Progress:
     def total(self) -> int:
         return self.base + self.done
 
+    def advance(self) -> None:
+        """One optimizer step done (its loss is added later, when it is read back: :meth:`add_losses`)."""
+        self.done += 1
+
+    def add_losses(self, losses: list[float]) -> None:
+        self.losses.extend(losses)
+
+    def roll_back(self, done: int) -> None:
+        """Forget the steps after ``done`` (their losses too): the adapter went back to that step."""
+        del self.losses[done:]
+        self.done = done
+
+    def add_eval(self, step: int, loss: float) -> None:
+        self.eval_steps.append(step)
+        self.eval_losses.append(loss)
+
+    def load(self, saved: dict[str, Any]) -> None:
+        """Take the values of a saved progress (a checkpoint's ``progress.json``, or :func:`asdict` of one);
+        the identity stays this run's."""
+        self.done, self.base, self.losses = saved["done"], saved["base"], list(saved["losses"])
+        self.eval_losses, self.eval_steps = list(saved.get("eval_losses", [])), list(saved.get("eval_steps", []))
+
 
 def register_adapter_hooks(accelerator, progress: Progress, offsets=None) -> None:
     """Make ``save_state``/``load_state`` store the adapter, the trained full offsets (an
@@ -78,27 +103,21 @@ def register_adapter_hooks(accelerator, progress: Progress, offsets=None) -> Non
         if shards_the_model(accelerator):
             return  # FSDP/DeepSpeed write the model and optimizer state their own way
         if accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
+            model = unwrap(accelerator, models[0])
             state = {k: v.detach().float().contiguous().cpu()
                      for k, v in get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME).items()}
-            with atomic_path(Path(output_dir, ADAPTER_FILE)) as tmp:
-                save_file(state, str(tmp))
+            save_adapter_file(Path(output_dir, ADAPTER_FILE), state)
             if offsets is not None and offsets.params:
-                with atomic_path(Path(output_dir, OFFSETS_FILE)) as tmp:
-                    save_file(offsets.state_dict(), str(tmp))
+                save_adapter_file(Path(output_dir, OFFSETS_FILE), offsets.state_dict())
         weights.clear()  # nothing else of the model: its frozen weights are the base model's
 
     def load_hook(models, input_dir):
-        saved = json.loads(Path(input_dir, PROGRESS_FILE).read_text())
-        progress.done, progress.base, progress.losses = saved["done"], saved["base"], saved["losses"]
-        progress.eval_losses, progress.eval_steps = saved.get("eval_losses", []), saved.get("eval_steps", [])
+        progress.load(json.loads(Path(input_dir, PROGRESS_FILE).read_text()))
         if shards_the_model(accelerator):
             return  # FSDP/DeepSpeed restore the model from their own checkpoint
         from safetensors.torch import load_file
 
-        model = accelerator.unwrap_model(models[0], keep_torch_compile=False)
+        model = unwrap(accelerator, models[0])
         state = load_file(str(Path(input_dir, ADAPTER_FILE)))  # load_state_dict copies to the device
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         if getattr(result, "unexpected_keys", None):
@@ -264,8 +283,7 @@ def _try_load(accelerator, folder: Path, progress: Progress, params, optimizer) 
     weights, optimizer_state, saved_progress, rng = before
     restore(params, weights)
     optimizer.load_state_dict(optimizer_state)
-    for name, value in saved_progress.items():
-        setattr(progress, name, value)
+    progress.load(saved_progress)
     _set_rng_states(rng)
     return problem or "it failed to load on another process"
 

@@ -18,22 +18,22 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from . import checkpoint, comfy_inputs
-from .adapters import adapter_layers, attach_adapter, export_adapter, get_algorithm
+from .adapters import Algorithm, adapter_layers, attach_adapter, export_adapter, get_algorithm
 from .adapters.targets import Offsets, base_modules, offset_parameters, resolve_targets
 from .checkpoint import Progress
+from .compat import reset_single_process_state, unwrap
 from .config import TrainConfig
 from .data import StepBatchSampler, TrainingData, build_dataloader, fitted_batch_size, open_dataset
 from .distributed import cpu_only_multiprocess, full_parameters
 from .errors import TrainerError
 from .evaluation import HeldOutLoss, hold_out, open_eval_set
 from .losses import get_loss
-from .models import load_model
-from .models.precision import is_plain
+from .models import LoadedModel, load_model
+from .models.precision import DTYPES, is_plain
 from .objectives import ObjectiveOptions, weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
@@ -47,13 +47,11 @@ from .rundir import (
     remove_if_unused,
     run_lock,
 )
-from .sampling import build_sampler, most_common_size, parse_size, read_prompts
+from .sampling import PromptSampler, build_sampler, most_common_size, parse_size, read_prompts
 from .streaming import StreamData, StreamingBatches, open_stream, streaming_loader
 from .watch import Watch, check_config
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
@@ -79,9 +77,9 @@ class Run:
     """Everything the loop needs, built once by :func:`setup`."""
 
     cfg: TrainConfig
-    loaded: Any  # models.LoadedModel
+    loaded: LoadedModel
     data: TrainingData | StreamData
-    algorithm: Any  # adapters.Algorithm
+    algorithm: Algorithm
     params: list[torch.nn.Parameter]
     rank: int
     alpha: float
@@ -90,10 +88,10 @@ class Run:
     offsets: Offsets
     #: ``--file_layout comfyui``: ranks of the parts of each fused adapter written (file metadata)
     fused_ranks: dict[str, list[int]] | None = None
-    #: output_dir as this run's own (rundir.RunFolder), set once resuming is decided
-    folder: Any = None
-    #: sample images while training (sampling.PromptSampler), or None
-    sampler: Any = None
+    #: output_dir as this run's own, set once resuming is decided
+    folder: RunFolder | None = None
+    #: sample images while training, or None
+    sampler: PromptSampler | None = None
     #: the held-out rows (evaluation.HeldOutLoss), or None
     held_out: HeldOutLoss | None = None
 
@@ -131,111 +129,203 @@ def _train(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any,
             cfg = run.cfg = dataclasses.replace(cfg, batch_size=batch_size)
     if writes and accelerator.is_main_process:  # the adapter's size is known now
         check_room(cfg.output_dir, *_output_bytes(cfg, run, handle_signals))
-    family, progress = run.loaded.family, run.progress
-    progress.identity = checkpoint.run_identity(cfg, accelerator.num_processes)
-    objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
-    loss_fn = get_loss(cfg.loss_function)
-    optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
-    checkpoint.register_adapter_hooks(accelerator, progress, run.offsets)
-    denoiser, optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
-    stream = streaming_batches(cfg, run.data, accelerator) if cfg.streaming else None  # before load_state
-    resume = checkpoint.resume(accelerator, cfg.resume_from_checkpoint, cfg.output_dir, progress, run.params,
-                               optimizer)
-    if resume is not None:
-        logger.info("resumed from %s at step %d of %d", resume, progress.done, cfg.steps)
-    # the folder is this run's from its first write on; a resumed run's own files stay where they are
-    run.folder = RunFolder(cfg.output_dir, cfg.output_name, resuming=resume is not None and _inside(
-        resume, checkpoint.checkpoints_dir(cfg.output_dir)))
-
-    loader = build_loader(cfg, run.data, accelerator, progress, stream)
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation_steps
-    history = LossHistory(cfg.steps, progress, accelerator.device)
-    eval_objective = family.make_objective(run.loaded, replace(ObjectiveOptions.from_config(cfg),
-                                                               timestep_sampling="uniform"))
-    watch = Watch(accelerator, progress, cfg.steps, run.sampler, cfg.sample_every, run.held_out, cfg.eval_every,
-                  denoiser, lambda batch: train_step(denoiser, family, eval_objective, loss_fn, batch))
-    good = checkpoint.snapshot(run.params)  # the adapter to fall back to after a NaN/inf loss
-    bar = tqdm(total=cfg.steps, initial=progress.done, desc="training", disable=not accelerator.is_main_process)
-    micro_loss = torch.zeros((), device=accelerator.device)
-    stopped, failure, train_started, first_step = None, None, time.perf_counter(), progress.done
-    if cfg.report_to != "none" or run.sampler is not None:
-        claim(accelerator, run)  # trackers write under output_dir/logs, samples under output_dir/samples
-    if cfg.report_to != "none":
-        accelerator.init_trackers("lora-trainer", config=_tracker_config(cfg))
+    trainer = Trainer(run, accelerator)
     with stop_signals(handle_signals) as stop:
+        trainer.fit(stop)
+    return trainer.finish(write_outputs, time.perf_counter() - started)
+
+
+class Trainer:
+    """One run after :func:`setup`: the prepared model, optimizer and data, and the run's state. The one
+    owner of that state: the progress (steps done, losses: changed here and by a checkpoint's load),
+    the last good adapter, why the run stopped and the failure to report.
+
+    ``fit`` runs the steps (``step`` each, then ``log`` / ``checkpoint`` / ``should_stop`` when due),
+    ``finish`` writes the outputs."""
+
+    def __init__(self, run: Run, accelerator: Accelerator):
+        cfg, family = run.cfg, run.loaded.family
+        self.run, self.cfg, self.accelerator, self.family = run, cfg, accelerator, family
+        self.progress = progress = run.progress
+        progress.identity = checkpoint.run_identity(cfg, accelerator.num_processes)
+        self.objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
+        self.loss_fn = get_loss(cfg.loss_function)
+        optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
+        checkpoint.register_adapter_hooks(accelerator, progress, run.offsets)
+        self.denoiser, self.optimizer = accelerator.prepare(run.loaded.denoiser, optimizer)
+        stream = streaming_batches(cfg, run.data, accelerator) if cfg.streaming else None  # before load_state
+        resume = checkpoint.resume(accelerator, cfg.resume_from_checkpoint, cfg.output_dir, progress, run.params,
+                                   self.optimizer)
+        if resume is not None:
+            logger.info("resumed from %s at step %d of %d", resume, progress.done, cfg.steps)
+        # the folder is this run's from its first write on; a resumed run's own files stay where they are
+        run.folder = RunFolder(cfg.output_dir, cfg.output_name, resuming=resume is not None and _inside(
+            resume, checkpoint.checkpoints_dir(cfg.output_dir)))
+        self.loader = build_loader(cfg, run.data, accelerator, progress, stream)
+        # per-step losses stay on the device until logged (one host sync per log), indexed by progress.done
+        self.losses = torch.zeros(max(cfg.steps, progress.done), device=accelerator.device)
+        eval_objective = family.make_objective(run.loaded, replace(ObjectiveOptions.from_config(cfg),
+                                                                   timestep_sampling="uniform"))
+        self.watch = Watch(accelerator, progress, cfg.steps, run.sampler, cfg.sample_every, run.held_out,
+                           cfg.eval_every, self.denoiser,
+                           lambda batch: train_step(self.denoiser, family, eval_objective, self.loss_fn, batch))
+        self.good = checkpoint.snapshot(run.params)  # the adapter to fall back to after a NaN/inf loss
+        self.first_step = progress.done
+        self.train_seconds = 0.0
+        #: why the run ended early ("preempted"), and the error to raise once the outputs are written
+        self.stopped: str | None = None
+        self.failure: TrainerError | None = None
+
+    def fit(self, stop: threading.Event) -> None:
+        """Train until the steps are done, a stop signal, a NaN/inf loss or a failed checkpoint write."""
+        cfg, accelerator, progress = self.cfg, self.accelerator, self.progress
+        bar = tqdm(total=cfg.steps, initial=progress.done, desc="training", disable=not accelerator.is_main_process)
+        micro_loss = torch.zeros((), device=accelerator.device)
+        if cfg.report_to != "none" or self.run.sampler is not None:
+            self.claim()  # trackers write under output_dir/logs, samples under output_dir/samples
+        if cfg.report_to != "none":
+            accelerator.init_trackers("lora-trainer", config=_tracker_config(cfg))
+        started = time.perf_counter()
         try:
-            watch.start()
-            for batch in loader:
-                with accelerator.accumulate(denoiser):
-                    loss = train_step(denoiser, family, objective, loss_fn, batch)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                micro_loss += loss.detach()
+            self.watch.start()
+            for batch in self.loader:
+                micro_loss += self.step(batch)
                 if not accelerator.sync_gradients:
                     continue
-                history.record(micro_loss / cfg.grad_accumulation_steps)
+                self.losses[progress.done] = micro_loss / cfg.grad_accumulation_steps
                 micro_loss.zero_()
+                progress.advance()
                 bar.update(1)
                 at_log_step = progress.done % cfg.log_every == 0 or progress.done == cfg.steps
                 if at_log_step:
-                    good = log_step(accelerator, run, history, bar, good)
-                watch.step()
+                    bar.set_postfix(loss=f"{self.log():.4f}")
+                self.watch.step()
                 if cfg.checkpointing_steps and progress.done % cfg.checkpointing_steps == 0:
-                    history.pull(accelerator)
-                    save_checkpoint(accelerator, run)
-                if should_stop(accelerator, stop, at_log_step):
-                    stopped = "preempted"
+                    self.checkpoint()
+                if self.should_stop(stop, at_log_step):
+                    self.stopped = "preempted"
                     break
-            history.pull(accelerator)
-            if not stopped:
-                watch.end()
+            self.pull_losses()
+            if not self.stopped:
+                self.watch.end()
         except NonFiniteLoss as e:
-            failure = e  # the adapter is back at the last good step: write it, then report
+            self.failure = e  # the adapter is back at the last good step: write it, then report
         except OutputWriteError as e:
-            failure = _keep_training_result(accelerator, e)
+            self.failure = _keep_training_result(accelerator, e)
         bar.close()
-        train_seconds = time.perf_counter() - train_started - watch.seconds
-        if stopped:
+        self.train_seconds = time.perf_counter() - started - self.watch.seconds
+        if self.stopped:
             logger.warning("stop signal received: saving a checkpoint and the adapter at step %d", progress.total)
             try:
-                save_checkpoint(accelerator, run)
+                self.checkpoint()
             except OutputWriteError as e:
-                failure = _keep_training_result(accelerator, e)
+                self.failure = _keep_training_result(accelerator, e)
 
-    samples_per_second = (progress.done - first_step) * global_batch / max(train_seconds, 1e-9)
-    # a run that trained nothing (a NaN/inf at its first step) writes nothing: the folder stays as it was
-    write = write_outputs and progress.done > 0
-    try:
-        result = finish(accelerator, run, denoiser, write, samples_per_second, time.perf_counter() - started,
-                        watch.seconds)
-    except OutputWriteError as e:
-        if failure is None:
-            raise
-        raise OutputWriteError(f"{failure}; then {e}") from None  # both, in one line
-    if failure is not None:
-        raise failure
-    result.stopped = stopped
-    return result
+    def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch: forward, backward and (at the end of an accumulation) the optimizer step.
+        Returns the detached loss (on the device: no sync)."""
+        with self.accelerator.accumulate(self.denoiser):
+            loss = train_step(self.denoiser, self.family, self.objective, self.loss_fn, batch)
+            self.accelerator.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
+    def pull_losses(self) -> list[float]:
+        """Average the unread steps' losses over processes, bring them to the host, add them to the progress."""
+        progress = self.progress
+        if len(progress.losses) >= progress.done:
+            return []
+        window = self.accelerator.reduce(self.losses[len(progress.losses):progress.done].clone(), reduction="mean")
+        new = window.tolist()  # note: this is a device-to-host sync point
+        progress.add_losses(new)
+        return new
 
-def claim(accelerator: Accelerator, run: Run) -> None:
-    """Before this run's first write into output_dir: move an earlier run's files aside (main process)."""
-    if accelerator.is_main_process:
-        run.folder.claim()
+    def log(self) -> float:
+        """Read the losses since the last log; stop on a NaN/inf (rolling the adapter back to the last good
+        snapshot), else take a new snapshot as the last good state. Returns the latest loss."""
+        progress = self.progress
+        first = len(progress.losses)
+        new = self.pull_losses()
+        for offset, value in enumerate(new):
+            if not math.isfinite(value):
+                checkpoint.restore(self.run.params, self.good)
+                bad_step = progress.base + first + offset + 1
+                progress.roll_back(first)
+                kept = (f"the adapter of step {progress.total} is kept" if progress.done else
+                        "nothing was trained, so no file was written")
+                raise NonFiniteLoss(f"the loss became {value} at step {bad_step}; stopped, {kept} (lower "
+                                    "learning_rate, or check the data)")
+        self.accelerator.log({"loss": new[-1]}, step=progress.total)
+        self.good = checkpoint.snapshot(self.run.params)
+        return new[-1]
 
+    def claim(self) -> None:
+        """Before this run's first write into output_dir: move an earlier run's files aside (main process)."""
+        if self.accelerator.is_main_process:
+            self.run.folder.claim()
 
-def save_checkpoint(accelerator: Accelerator, run: Run) -> None:
-    """A full-state checkpoint; a failed write (a full disk) becomes :class:`OutputWriteError`."""
-    cfg = run.cfg
-    claim(accelerator, run)
-    try:
-        checkpoint.save_checkpoint(accelerator, cfg.output_dir, run.progress, cfg.checkpoints_total_limit)
-    except OSError as e:
-        last = checkpoint.complete_checkpoints(cfg.output_dir)
-        kept = f"the last complete checkpoint is {last[-1][1]}" if last else "no complete checkpoint"
-        raise OutputWriteError(f"checkpoint at step {run.progress.total}: {describe_os_error(e)}; stopped "
-                               f"({kept})") from None
+    def checkpoint(self) -> None:
+        """A full-state checkpoint; a failed write (a full disk) becomes :class:`OutputWriteError`."""
+        cfg, progress = self.cfg, self.progress
+        self.pull_losses()
+        self.claim()
+        try:
+            checkpoint.save_checkpoint(self.accelerator, cfg.output_dir, progress, cfg.checkpoints_total_limit)
+        except OSError as e:
+            last = checkpoint.complete_checkpoints(cfg.output_dir)
+            kept = f"the last complete checkpoint is {last[-1][1]}" if last else "no complete checkpoint"
+            raise OutputWriteError(f"checkpoint at step {progress.total}: {describe_os_error(e)}; stopped "
+                                   f"({kept})") from None
+
+    def should_stop(self, stop: threading.Event, at_log_step: bool) -> bool:
+        """Whether every process should stop now. One process alone: the local flag, no sync. Several: they
+        must agree, which is a collective, so it is checked at log steps only."""
+        accelerator = self.accelerator
+        if accelerator.num_processes == 1:
+            return stop.is_set()
+        if not at_log_step:
+            return False
+        if stop.is_set():
+            accelerator.set_trigger()
+        return accelerator.check_trigger()
+
+    def finish(self, write_outputs: bool, wall_seconds: float) -> TrainResult:
+        """Export the adapter and write the outputs (a run that trained nothing writes nothing); then raise
+        the failure that ended the run, if any, or return the result."""
+        cfg, progress, accelerator = self.cfg, self.progress, self.accelerator
+        global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accumulation_steps
+        samples_per_second = (progress.done - self.first_step) * global_batch / max(self.train_seconds, 1e-9)
+        write = write_outputs and progress.done > 0  # after a NaN/inf at the first step the folder stays as it was
+        try:
+            result = self.export(write, samples_per_second, wall_seconds)
+        except OutputWriteError as e:
+            if self.failure is None:
+                raise
+            raise OutputWriteError(f"{self.failure}; then {e}") from None  # both, in one line
+        if self.failure is not None:
+            raise self.failure
+        result.stopped = self.stopped
+        return result
+
+    def export(self, write: bool, samples_per_second: float, wall_seconds: float) -> TrainResult:
+        """The adapter as its file holds it and the loss map; with ``write``, the files too (main process)."""
+        run, progress, accelerator = self.run, self.progress, self.accelerator
+        model = unwrap(accelerator, self.denoiser)
+        model.eval()
+        with full_parameters(accelerator, self.denoiser):
+            lora = export_lora(model, run, DTYPES[self.cfg.lora_dtype])
+        loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
+        if run.held_out is not None:
+            loss_map.update(eval_loss=list(progress.eval_losses), eval_step=list(progress.eval_steps))
+        result = TrainResult(model, lora, loss_map, progress.total)
+        if write and accelerator.is_main_process:
+            self.claim()
+            result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds,
+                                                 self.watch.seconds)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return result
 
 
 def _keep_training_result(accelerator: Accelerator, error: OutputWriteError) -> OutputWriteError:
@@ -259,7 +349,7 @@ def _output_bytes(cfg: TrainConfig, run: Run, preemptible: bool) -> tuple[int, s
         if run.loaded.kind == "pipeline":  # the pipeline's other components are copied
             merged += sum(f.stat().st_size for f in Path(run.loaded.source).rglob("*") if f.is_file())
     return estimate_output_bytes(
-        adapter_numel=sum(p.numel() for p in run.params), lora_dtype_bytes=_DTYPES[cfg.lora_dtype].itemsize,
+        adapter_numel=sum(p.numel() for p in run.params), lora_dtype_bytes=DTYPES[cfg.lora_dtype].itemsize,
         optimizer=cfg.optimizer, steps=cfg.steps, checkpointing_steps=cfg.checkpointing_steps,
         checkpoints_total_limit=cfg.checkpoints_total_limit, preemptible=preemptible, merged_model_bytes=merged)
 
@@ -303,11 +393,31 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     prompts = read_prompts(cfg.sample_prompts) if cfg.sample_prompts is not None else None
     sample_size = parse_size(cfg.sample_size)
     loaded = load_model(cfg.model if model is None else model, cfg.model_family, cfg.prediction_type,
-                        cfg.model_config, dtype=_DTYPES[cfg.training_dtype], weight_dtype=cfg.weight_dtype)
+                        cfg.model_config, dtype=DTYPES[cfg.training_dtype], weight_dtype=cfg.weight_dtype)
+    data, held_out = _training_data(cfg, loaded, dataset, eval_dataset, latents if node_latent else None,
+                                    cfg.positive if positive is None else positive)
+    run = _attach(cfg, loaded, data)
+    run.held_out = held_out
+    denoiser = loaded.denoiser
+    _check_file_layout(run, denoiser)
+    if cfg.training_dtype == "bf16":
+        _cast_frozen(denoiser, torch.bfloat16)
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    if prompts is not None:
+        sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
+        run.sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
+    return run
+
+
+def _training_data(cfg: TrainConfig, loaded: LoadedModel, dataset: Any, eval_dataset: Any, node_latent: Any,
+                   positive: Any) -> tuple[TrainingData | StreamData, HeldOutLoss | None]:
+    """The training rows with their conditioning, and the held-out rows, once the family is known (it
+    scales the node's LATENT and reads the node's CONDITIONING)."""
     family, denoiser = loaded.family, loaded.denoiser
-    if node_latent:
-        dataset = comfy_inputs.latents_dataset(latents, family.name)
-    positive = cfg.positive if positive is None else positive
+    if node_latent is not None:
+        dataset = comfy_inputs.latents_dataset(node_latent, family.name)
     if comfy_inputs.is_conditioning(positive):
         positive = comfy_inputs.conditioning_columns(positive, family, len(dataset))
     data = (StreamData if cfg.streaming else TrainingData)(dataset, positive, family, denoiser)
@@ -317,9 +427,16 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         held_out = HeldOutLoss(eval_data, list(range(eval_data.num_rows)))
     elif cfg.eval_fraction:
         held_out = HeldOutLoss(data, hold_out(data, cfg.eval_fraction, cfg.seed))
+    return data, held_out
+
+
+def _attach(cfg: TrainConfig, loaded: LoadedModel, data: TrainingData | StreamData) -> Run:
+    """Attach the adapter: fresh as the flags say, or continuing ``--existing_lora`` (the file then decides
+    the algorithm, rank, alpha and the steps already done)."""
+    family, denoiser = loaded.family, loaded.denoiser
     targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser)
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
-    algorithm_name, existing, progress = cfg.algorithm, None, Progress()
+    algorithm_name, existing = cfg.algorithm, None
     if cfg.existing_lora is not None:
         from .adapters.formats import read_existing_adapter
 
@@ -327,7 +444,6 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         attach = existing.attach_arguments()
         algorithm_name = existing.algorithm
         _report_overrides(cfg, algorithm_name, attach)
-        progress.base = existing.steps
     algorithm = get_algorithm(algorithm_name)
     params = attach_adapter(denoiser, algorithm, seed=cfg.seed, **attach)
     offsets = _train_offsets(denoiser, train_offsets, existing.deltas if existing is not None else {})
@@ -344,18 +460,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         params = [p for p in denoiser.parameters() if p.requires_grad]
         logger.info("continuing %s (%s %s, %d modules, %d steps done)", cfg.existing_lora, existing.source_format,
                     algorithm_name, len(existing.modules), existing.steps)
-    run = Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
-    _check_file_layout(run, denoiser)
-    if cfg.training_dtype == "bf16":
-        _cast_frozen(denoiser, torch.bfloat16)
-    if cfg.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
-    denoiser.train()
-    run.held_out = held_out
-    if prompts is not None:
-        sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
-        run.sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
-    return run
+    progress = Progress(base=existing.steps if existing is not None else 0)  # a continued file's steps count on
+    return Run(cfg, loaded, data, algorithm, params, attach["rank"], attach["alpha"], progress, offsets)
 
 
 def _train_offsets(model: torch.nn.Module, node: bool, file_offsets: dict[str, dict]) -> Offsets:
@@ -416,49 +522,6 @@ def train_step(model, family, objective, loss_fn, batch: dict[str, torch.Tensor]
     return weighted_loss(loss_fn, prediction, target, objective.loss_weights(t))
 
 
-class LossHistory:
-    """Per-step losses kept on the device and read back only when logged (one host sync per log)."""
-
-    def __init__(self, steps: int, progress: Progress, device: torch.device):
-        self.buffer = torch.zeros(max(steps, progress.done), device=device)
-        self.progress = progress
-
-    def record(self, loss: torch.Tensor) -> None:
-        self.buffer[self.progress.done] = loss
-        self.progress.done += 1
-
-    def pull(self, accelerator: Accelerator) -> list[float]:
-        """Average the unread steps over processes, bring them to the host, append to the progress."""
-        losses = self.progress.losses
-        if len(losses) >= self.progress.done:
-            return []
-        window = accelerator.reduce(self.buffer[len(losses):self.progress.done].clone(), reduction="mean")
-        new = window.tolist()  # note: this is a device-to-host sync point
-        losses.extend(new)
-        return new
-
-
-def log_step(accelerator, run: Run, history: LossHistory, bar, good: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Pull the losses since the last log; stop on a NaN/inf (rolling back to ``good``), else return a new
-    snapshot of the adapter as the last good state."""
-    progress = run.progress
-    first = len(progress.losses)
-    new = history.pull(accelerator)
-    for offset, value in enumerate(new):
-        if not math.isfinite(value):
-            checkpoint.restore(run.params, good)
-            bad_step = progress.base + first + offset + 1
-            del progress.losses[first:]
-            progress.done = first
-            kept = (f"the adapter of step {progress.total} is kept" if progress.done else
-                    "nothing was trained, so no file was written")
-            raise NonFiniteLoss(f"the loss became {value} at step {bad_step}; stopped, {kept} (lower "
-                                "learning_rate, or check the data)")
-    bar.set_postfix(loss=f"{new[-1]:.4f}")
-    accelerator.log({"loss": new[-1]}, step=progress.total)
-    return checkpoint.snapshot(run.params)
-
-
 class NonFiniteLoss(TrainerError):
     """The loss became NaN or inf; the adapter was rolled back to the last finite step."""
 
@@ -477,39 +540,6 @@ def stop_signals(enabled: bool):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def should_stop(accelerator: Accelerator, stop: threading.Event, at_log_step: bool) -> bool:
-    """Whether every process should stop now. One process alone: the local flag, no sync. Several: they
-    must agree, which is a collective, so it is checked at log steps only."""
-    if accelerator.num_processes == 1:
-        return stop.is_set()
-    if not at_log_step:
-        return False
-    if stop.is_set():
-        accelerator.set_trigger()
-    return accelerator.check_trigger()
-
-
-def finish(accelerator, run: Run, denoiser, write_outputs: bool, samples_per_second: float,
-           wall_seconds: float, watch_seconds: float = 0.0) -> TrainResult:
-    cfg, progress = run.cfg, run.progress
-    model = accelerator.unwrap_model(denoiser, keep_torch_compile=False)
-    model.eval()
-    dtype = _DTYPES[cfg.lora_dtype]
-    with full_parameters(accelerator, denoiser):
-        lora = export_lora(model, run, dtype)
-    loss_map = {"loss": list(progress.losses), "step": list(range(progress.base + 1, progress.total + 1))}
-    if run.held_out is not None:
-        loss_map.update(eval_loss=list(progress.eval_losses), eval_step=list(progress.eval_steps))
-    result = TrainResult(model, lora, loss_map, progress.total)
-    if write_outputs and accelerator.is_main_process:
-        claim(accelerator, run)
-        result.lora_path = write_run_outputs(run, model, lora, loss_map, samples_per_second, wall_seconds,
-                                             watch_seconds)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
 
 
 def export_lora(model, run: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -651,11 +681,9 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     if missing:
         raise TrainerError(f"--report_to {cfg.report_to}: {', '.join(missing)} is not installed "
                            f"(pip install {' '.join(missing)})")
-    if PartialState._shared_state and PartialState().num_processes == 1:
-        # a library caller may train several times in one process with different precisions;
-        # accelerate keeps its state process-wide, so start each single-process run afresh
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+    # a library caller may train several times in one process with different precisions; accelerate
+    # keeps its state process-wide, so start each single-process run afresh
+    reset_single_process_state()
     return Accelerator(
         cpu=cpu_only_multiprocess(),
         gradient_accumulation_steps=cfg.grad_accumulation_steps,

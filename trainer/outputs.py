@@ -122,8 +122,9 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def save_adapter_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors adapter file atomically; metadata values must be strings."""
+def save_adapter_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file (an adapter, a checkpoint's adapter state) atomically; metadata values must
+    be strings."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:

@@ -48,8 +48,8 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # (the scheduler is tiny, and some pipelines read it in __init__)
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                       "tokenizer_3", "scheduler")
-#: --dtype -> torch dtype name (torch itself is imported only when encoding: `--help` stays instant)
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: --dtype's choices (names of models.precision.DTYPES; torch is imported only when encoding: `--help` stays instant)
+_DTYPES = ("fp32", "fp16", "bf16")
 _REPEATS = re.compile(r"^(\d+)_(.*)$")
 _EXIF_ORIENTATION = 0x0112
 
@@ -560,6 +560,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     from tqdm.auto import tqdm
 
     from .distributed import cpu_only_multiprocess
+    from .models.precision import DTYPES
 
     state = PartialState(cpu=cpu_only_multiprocess())
     model = inspect_model(cfg)
@@ -581,7 +582,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     failed: list[Skipped] = []
     seconds = 0.0  # spent encoding images
     if image_batches or text_batches:
-        pipe = load_encoders(model, getattr(torch, _DTYPES[cfg.dtype]), state.device)
+        pipe = load_encoders(model, DTYPES[cfg.dtype], state.device)
         bar = tqdm(total=sum(map(len, image_batches)) + sum(map(len, text_batches)), desc="encoding",
                    unit="item", disable=not state.is_main_process)
         started = time.perf_counter()

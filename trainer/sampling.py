@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, TrainerError
+from .models.precision import DTYPES
 from .outputs import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 #: the options a prompt line may carry: letter -> (field, type)
 OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
            "g": ("guidance", float), "l": ("guidance", float), "d": ("seed", int)}
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _GRID_COLUMNS = 4
 _GRID_CELL = 256  # smallest cell width in the grid, so that a caption under a tiny image stays readable
 
@@ -288,7 +288,7 @@ def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size
         return PromptSampler(None, prompts, [], size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
                              out_dir)
     started = time.perf_counter()
-    dtype = _DTYPES[cfg.training_dtype]
+    dtype = DTYPES[cfg.training_dtype]
     embeds = encode_prompts(source, loaded.family.name, prompts, dtype, accelerator.device)
     pipe = _sampling_pipeline(source, loaded)
     pipe.set_progress_bar_config(disable=True)

@@ -31,6 +31,7 @@ import torch
 from .columns import batch_tensor, check_numeric, row_shapes, schema_shape
 from .data import LATENTS, mix_seed, open_conditioning, sample_draws
 from .errors import TrainerError
+from .outputs import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +255,7 @@ class StreamingBatches:
         """Save and restore the stream's state with ``accelerator.save_state``/``load_state``."""
 
         def save_hook(models, weights, output_dir):
-            Path(output_dir, STATE_FILE.format(rank=self.rank)).write_text(json.dumps(
-                {**self.state, "world": self.world}))
+            write_json(Path(output_dir, STATE_FILE.format(rank=self.rank)), {**self.state, "world": self.world})
 
         def load_hook(models, input_dir):
             path = Path(input_dir, STATE_FILE.format(rank=self.rank))

@@ -64,8 +64,7 @@ class Watch:
         step = self.progress.total
         if evaluate:
             loss = self.held_out.evaluate(self.accelerator, self.denoiser, self.loss_of)
-            self.progress.eval_losses.append(loss)
-            self.progress.eval_steps.append(step)
+            self.progress.add_eval(step, loss)
             self.accelerator.log({"eval_loss": loss}, step=step)
             logger.info("held-out loss at step %d: %.5f", step, loss)
         if sample:

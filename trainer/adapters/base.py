@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 from peft import PeftConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..compat import BaseTunerLayer, adapter_names, is_no_target_error
 from ..errors import TrainerError
 
 #: the single adapter this trainer trains, as peft names it
@@ -93,7 +93,7 @@ def attach_adapter(model: torch.nn.Module, algorithm: Algorithm, rank: int, alph
         try:
             algorithm.add_adapter(model, config)
         except ValueError as e:
-            if "not found in the base model" in str(e) or "Target modules" in str(e):
+            if is_no_target_error(e):
                 raise TrainerError(f"--target_modules: no module of the model matches {', '.join(targets)}") from None
             raise
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,7 +114,7 @@ def load_tensor(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
 def adapter_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
     """Module path -> adapted layer, in model order."""
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in module._all_available_adapter_names()}
+            if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in adapter_names(module)}
 
 
 def export_adapter(model: torch.nn.Module, algorithm: Algorithm,

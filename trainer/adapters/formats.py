@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import TrainerError
-from ..models.loading import PICKLE_SUFFIXES
+from ..models.loading import refuse_pickle
 from .base import ALGORITHMS
 
 if TYPE_CHECKING:
@@ -226,22 +226,13 @@ def _adapter_file(path: Path) -> Path:
             raise TrainerError(f"--existing_lora: folder {path} holds {len(found)} .safetensors files "
                                f"({', '.join(p.name for p in found) or 'none'}); pass the file itself")
         path = found[0]
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise TrainerError(f"--existing_lora: {path.name} is a pickle file, which can run arbitrary code "
-                           "when loaded and is never unpickled here; convert it to .safetensors")
+    refuse_pickle(path, "--existing_lora")
     return path
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
-    with path.open("rb") as f:
-        head = f.read(9)
-    # safetensors: an 8-byte header length, then the JSON header. A torch.save zip archive or a bare
-    # pickle under another name gets a clear answer (safetensors' parser never unpickles anyway)
-    if head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
-        raise TrainerError(f"--existing_lora: {path.name} is a pickle checkpoint, not safetensors; it is "
-                           "never unpickled here; convert it to .safetensors")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -448,10 +439,10 @@ def _metadata_alpha(metadata: dict[str, str], family: ModelFamily):
         default = diffusers.get("lora_alpha", diffusers.get("alpha"))
         pattern = diffusers.get("alpha_pattern") or {}
         if default is not None or pattern:
-            from peft.utils.other import get_pattern_key  # peft's own rule for matching pattern keys
+            from ..compat import pattern_key  # peft's own rule for matching pattern keys
 
             def from_diffusers(module, _shape):
-                key = get_pattern_key(list(pattern), module)
+                key = pattern_key(pattern, module)
                 value = pattern.get(key, default)
                 return None if value is None else float(value)
 

@@ -23,12 +23,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lycoris_utils import LycorisConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
-from peft.utils import PeftType
-from peft.utils.other import get_pattern_key
 from torch import nn
 
+from ..compat import (
+    BaseTuner,
+    BaseTunerLayer,
+    LycorisConfig,
+    PeftType,
+    check_adapters_to_merge,
+    conv_forward,
+    mark_peft_adapter_added,
+    pattern_key,
+)
 from ..errors import TrainerError
 from .base import ADAPTER_NAME, Algorithm, load_tensor, register_algorithm
 
@@ -159,7 +165,7 @@ class DiagOFTLayer(nn.Module, BaseTunerLayer):
         weight = self.rotated_weight().to(compute_dtype(base.weight, x))
         if isinstance(base, nn.Linear):
             return F.linear(x, weight, base.bias)
-        return base._conv_forward(x, weight, base.bias)
+        return conv_forward(base, x, weight, base.bias)
 
     def __repr__(self) -> str:
         return "diag_oft." + super().__repr__()
@@ -173,8 +179,8 @@ class DiagOFTModel(BaseTuner):
     target_module_mapping: dict = {}
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
-        alpha_key = get_pattern_key(config.alpha_pattern.keys(), current_key)
+        r_key = pattern_key(config.rank_pattern, current_key)
+        alpha_key = pattern_key(config.alpha_pattern, current_key)
         r, alpha = config.rank_pattern.get(r_key, config.r), config.alpha_pattern.get(alpha_key, config.alpha)
         if isinstance(target, DiagOFTLayer):
             target.update_layer(adapter_name, r, alpha)
@@ -198,7 +204,7 @@ class OFT(Algorithm):
 
     def add_adapter(self, model, config):
         # what diffusers' add_adapter does, with our tuner instead of the one peft maps OFT to
-        model._hf_peft_config_loaded = True
+        mark_peft_adapter_added(model)
         DiagOFTModel(model, config, adapter_name=ADAPTER_NAME)
         model.set_adapter(ADAPTER_NAME)
 

@@ -76,7 +76,8 @@ def offset_parameters(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
         if isinstance(module, BaseTunerLayer):
             adapted.add(name)
     for name, module in base_modules(model).items():
-        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        own = dict(module.named_parameters(recurse=False))
+        weight, bias = own.get("weight"), own.get("bias")
         entry = {}
         if isinstance(weight, nn.Parameter) and name not in adapted and weight.is_floating_point():
             entry["diff"] = weight

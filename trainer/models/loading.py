@@ -29,6 +29,26 @@ logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
+def refuse_pickle(path: Path, flag: str) -> None:
+    """The one pickle guard: raise :class:`TrainerError` if ``path`` is a pickle checkpoint, by its suffix
+    or, under any name, by its first bytes (a ``torch.save`` zip archive or a bare pickle; safetensors
+    starts with an 8-byte header length and then ``{``). Nothing here ever unpickles a file."""
+    pickled = path.suffix.lower() in PICKLE_SUFFIXES
+    if not pickled and path.is_file():
+        with path.open("rb") as f:
+            head = f.read(9)
+        pickled = head[8:9] != b"{" and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80")
+    if pickled:
+        raise TrainerError(f"{flag}: {path.name} is a pickle checkpoint, which can run arbitrary code when "
+                           "loaded and is never unpickled here; convert it to .safetensors")
+
+
+def read_scheduler_config(folder: Path) -> dict | None:
+    """The one reader of a pipeline's ``scheduler/scheduler_config.json`` (None when absent)."""
+    file = folder / "scheduler" / "scheduler_config.json"
+    return read_json(file) if file.is_file() else None
+
+
 def load_model(model, family: str = "auto", prediction_type: str = "auto",
                model_config: str | None = None, dtype: torch.dtype | None = None,
                weight_dtype: str = "default") -> LoadedModel:
@@ -113,9 +133,7 @@ def _from_path(path: Path, family: str, model_config: str | None, how: Loading) 
         fam = _detect(config, family, str(path))
         cls = fam.denoiser_class
         model = how.load(cls, partial(cls.from_pretrained, path, **how.kwargs()), partial(cls.load_config, path))
-        sibling = path.parent / "scheduler" / "scheduler_config.json"
-        scheduler_config = read_json(sibling) if sibling.is_file() else None
-        return LoadedModel(fam, model, scheduler_config, "", str(path), "folder",
+        return LoadedModel(fam, model, read_scheduler_config(path.parent), "", str(path), "folder",
                            vae_scale_factor=_vae_scale_factor(path.parent))
     raise TrainerError(f"--model: {path} is neither a diffusers pipeline folder (model_index.json) nor a "
                        "model folder (config.json)")
@@ -129,17 +147,13 @@ def _from_pipeline(path: Path, family: str, how: Loading) -> LoadedModel:
             cls = fam.denoiser_class
             model = how.load(cls, partial(cls.from_pretrained, path, subfolder=subfolder, **how.kwargs()),
                              partial(cls.load_config, path, subfolder=subfolder))
-            scheduler_file = path / "scheduler" / "scheduler_config.json"
-            scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else None
-            return LoadedModel(fam, model, scheduler_config, "", str(path), "pipeline",
+            return LoadedModel(fam, model, read_scheduler_config(path), "", str(path), "pipeline",
                                extra={"subfolder": subfolder}, vae_scale_factor=_vae_scale_factor(path))
     raise TrainerError(f"--model: pipeline folder {path} has no unet/ or transformer/ with a config.json")
 
 
 def _from_single_file(path: Path, family: str, model_config: str | None, how: Loading) -> LoadedModel:
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise TrainerError(f"--model: {path.name} is a pickle checkpoint, which can run arbitrary code when "
-                           "loaded and is never unpickled here; convert it to .safetensors")
+    refuse_pickle(path, "--model")
     if path.suffix.lower() != ".safetensors":
         raise TrainerError(f"--model: {path.name} is not a .safetensors checkpoint")
     header = read_checkpoint_header(path)
@@ -151,13 +165,12 @@ def _from_single_file(path: Path, family: str, model_config: str | None, how: Lo
         if config_file is None:
             raise TrainerError(f"--model_config: no config.json in {config_root} (or its unet/, transformer/)")
         fam = _detect(read_json(config_file), family, str(config_file))
-        scheduler_file = config_file.parent.parent / "scheduler" / "scheduler_config.json"
-        scheduler_config = read_json(scheduler_file) if scheduler_file.is_file() else None
+        scheduler = read_scheduler_config(config_file.parent.parent)
         subfolder = None if config_file.parent == config_root else config_file.parent.name
         vae_scale_factor = _vae_scale_factor(config_file.parent.parent)
     else:
         fam = _single_file_family(header, family, path)
-        config_root, scheduler_config = fam.single_file_config(header)
+        config_root, scheduler = fam.single_file_config(header)
         try:
             overrides = fam.single_file_overrides(header)
         except KeyError as e:
@@ -185,7 +198,7 @@ def _from_single_file(path: Path, family: str, model_config: str | None, how: Lo
         return {**fam.denoiser_class.load_config(str(config_root), subfolder=subfolder), **overrides}
 
     model = how.load(fam.denoiser_class, read, config)
-    return LoadedModel(fam, model, scheduler_config, "", str(path), "single_file",
+    return LoadedModel(fam, model, scheduler, "", str(path), "single_file",
                        vae_scale_factor=vae_scale_factor)
 
 
@@ -197,7 +210,8 @@ def _assign_stored(cls, config: dict, state_dict: dict[str, torch.Tensor], how: 
     flux1-dev-fp8) would be held in bf16 (twice its size) before going back to fp8; this holds it
     once, in fp8. diffusers' own key conversion for the class is used when the names differ."""
     from accelerate import init_empty_weights
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from ..compat import single_file_converter
 
     with init_empty_weights():
         model = cls.from_config(config)
@@ -205,7 +219,7 @@ def _assign_stored(cls, config: dict, state_dict: dict[str, torch.Tensor], how: 
     apply_weight_dtype(model, how.weight_dtype, how.dtype)  # the stored layers' meta parameters turn fp8
     expected = model.state_dict()
     if set(expected) != set(state_dict):
-        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+        convert = single_file_converter(cls.__name__)
         state_dict = convert(config=config, checkpoint=state_dict)
     for key in list(state_dict):
         if key in expected and state_dict[key].is_floating_point():

@@ -24,6 +24,9 @@ import torch
 
 from ..errors import TrainerError
 
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2", "int8")
+#: the one table from a dtype's name in the options (--training_dtype, --lora_dtype, prepare's --dtype) to torch's
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
                 torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
@@ -85,8 +88,9 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
     """Bytes a tensor holds in memory, counting the inner tensors of a quantized tensor subclass."""
     if is_plain(tensor):
         return tensor.numel() * tensor.element_size()
-    names, _ = tensor.__tensor_flatten__()  # torchao's tensors: qdata, scale, ...
-    return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    from ..compat import quantized_parts
+
+    return sum(tensor_bytes(part) for part in quantized_parts(tensor))  # torchao's: qdata, scale, ...
 
 
 def frozen_bytes(model: torch.nn.Module) -> int:

@@ -40,22 +40,6 @@ def ldm_to_diffusers_names(unet_config: Mapping) -> dict[str, str]:
     return names
 
 
-def diffusers_to_ldm_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``unet``'s state dict under original SD checkpoint keys (``model.diffusion_model.<LDM name>``),
-    as a single-file checkpoint holds it. Raises ValueError for a tensor with no LDM name."""
-    to_ldm = {v: k for k, v in ldm_to_diffusers_names(unet.config).items()}
-    state, missing = {}, []
-    for key, tensor in unet.state_dict().items():
-        module, _, param = key.rpartition(".")
-        if module not in to_ldm:
-            missing.append(key)
-            continue
-        state[f"model.diffusion_model.{to_ldm[module]}.{param}"] = tensor
-    if missing:
-        raise ValueError(f"no LDM name for {len(missing)} UNet tensors: {', '.join(missing[:10])}")
-    return state
-
-
 def _block_prefixes(config: Mapping) -> dict[str, tuple[str, str]]:
     """diffusers block prefix -> (LDM block prefix, kind of block), counted from the config."""
     down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])

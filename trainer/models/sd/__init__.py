@@ -56,13 +56,13 @@ class StableDiffusion(ModelFamily):
                                "the conditioning was encoded for another model")
 
     def matches_checkpoint(self, state_dict):
-        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+        from ...compat import infer_single_file_type
 
         # diffusers calls any unknown layout "v1": the LDM UNet's own key is required too, and SDXL's
         # added-conditioning MLP (label_emb) rules it out
         return (has_checkpoint_key(state_dict, "input_blocks.0.0.weight")
                 and not has_checkpoint_key(state_dict, "label_emb.0.0.weight")
-                and infer_diffusers_model_type(with_prefix(state_dict)) in ("v1", "v2"))
+                and infer_single_file_type(with_prefix(state_dict)) in ("v1", "v2"))
 
     def make_objective(self, loaded, options):
         default = CONFIGS / "sd1" / "scheduler" / "scheduler_config.json"
@@ -72,9 +72,9 @@ class StableDiffusion(ModelFamily):
         return model(noisy, timesteps, encoder_hidden_states=batch["prompt_embeds"], return_dict=False)[0]
 
     def single_file_config(self, state_dict):
-        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+        from ...compat import infer_single_file_type
 
-        model_type = infer_diffusers_model_type(with_prefix(state_dict))
+        model_type = infer_single_file_type(with_prefix(state_dict))
         if model_type not in ("v1", "v2"):
             raise TrainerError(f"single-file checkpoint looks like {model_type!r}, not SD 1.x/2.x; "
                                "pass --model_config with its diffusers config folder")
