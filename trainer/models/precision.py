@@ -3,9 +3,9 @@
 - ``default``: the training dtype (bf16 or fp32), materialised directly in it when loading.
 - ``fp8_e4m3fn`` / ``fp8_e5m2``: weights stored in fp8 and each layer computed in the training dtype,
   through diffusers' layerwise casting (a hook casts one layer up before its forward and back after).
-  Norms, modulations, embeddings and the in/out projections stay in the training dtype (diffusers'
-  skip patterns for each model), and so do convolutions (see :func:`apply_weight_dtype`) and the
-  adapter's layers.
+  Positional embeddings and the in/out projections stay in the training dtype (diffusers' skip
+  patterns for each model, less "norm": the AdaLN modulations are stored in fp8 too), and so do
+  convolutions (see :func:`apply_weight_dtype`), norm layers and the adapter's layers.
 - ``int8``: int8 weight-only quantization by torchao through diffusers' ``TorchAoConfig``, applied
   tensor by tensor while loading. torchao was picked over bitsandbytes (CUDA-first, its CPU backend is
   partial) and optimum-quanto (maintenance only) because it is PyTorch's own quantization library,
@@ -60,7 +60,16 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
         # Convolutions stay in the compute dtype: autograd saves a convolution's weight parameter itself,
         # which the hook casts back to fp8 after the forward, so backward (and checkpointing's recompute
         # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
+        # The models' own skip patterns keep every Linear under a module named "norm..." in the compute
+        # dtype: for DiT families those are the AdaLN modulation projections, a quarter of Flux's weights
+        # (3072 -> 6 x 3072 per block). Only Linear/Conv layers are ever cast, so dropping "norm" changes
+        # nothing for real norm layers; it stores the modulations in fp8 as ComfyUI's fp8 checkpoints do,
+        # which is what brings an fp8 base to about half the bf16 bytes.
+        from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+        patterns = getattr(model, "_skip_layerwise_casting_patterns", None) or DEFAULT_SKIP_MODULES_PATTERN
         model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype,
+                                       skip_modules_pattern=tuple(p for p in patterns if p != "norm"),
                                        skip_modules_classes=CONVOLUTIONS)
         model._trainer_weight_dtype = weight_dtype
     elif weight_dtype == "int8":
