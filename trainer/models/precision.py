@@ -62,15 +62,16 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
         # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
         # The models' own skip patterns keep every Linear under a module named "norm..." in the compute
         # dtype: for DiT families those are the AdaLN modulation projections, a quarter of Flux's weights
-        # (3072 -> 6 x 3072 per block). Only Linear/Conv layers are ever cast, so dropping "norm" changes
+        # (3072 -> 6 x 3072 per block). Only Linear/Conv layers are ever cast, so leaving "norm" out changes
         # nothing for real norm layers; it stores the modulations in fp8 as ComfyUI's fp8 checkpoints do,
-        # which is what brings an fp8 base to about half the bf16 bytes.
+        # which brings an fp8 base to about half the bf16 bytes. ModelMixin.enable_layerwise_casting always
+        # adds the model's patterns, so its own building block is called with the patterns chosen here.
+        from diffusers.hooks import apply_layerwise_casting
         from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
-        patterns = getattr(model, "_skip_layerwise_casting_patterns", None) or DEFAULT_SKIP_MODULES_PATTERN
-        model.enable_layerwise_casting(storage_dtype=FP8[weight_dtype], compute_dtype=compute_dtype,
-                                       skip_modules_pattern=tuple(p for p in patterns if p != "norm"),
-                                       skip_modules_classes=CONVOLUTIONS)
+        patterns = {*DEFAULT_SKIP_MODULES_PATTERN, *(getattr(model, "_skip_layerwise_casting_patterns", None) or ()),
+                    *(getattr(model, "_keep_in_fp32_modules", None) or ())} - {"norm"}
+        apply_layerwise_casting(model, FP8[weight_dtype], compute_dtype, tuple(sorted(patterns)), CONVOLUTIONS)
         model._trainer_weight_dtype = weight_dtype
     elif weight_dtype == "int8":
         if getattr(model, "hf_quantizer", None) is None:
