@@ -204,10 +204,12 @@ def test_comfyui_layout_fuses_qkv_with_the_same_update(tmp_path):
                      file_layout="comfyui", **FAST)
     lora = load_file(str(res.lora_path))
     layers = adapter_layers(res.model_with_lora)
-    assert {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora} == {
-        f"diffusion_model.{stack}.{i}.attention.{p}" for stack, n in (("noise_refiner", 1), ("context_refiner", 1),
-                                                                      ("layers", 2))
-        for i in range(n) for p in ("qkv", "out")}
+    written = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora}
+    names = get_family("lumina2").comfyui_names(res.model_with_lora)
+    assert written == {"diffusion_model." + names[m].module for m in layers}  # every linear layer, in ComfyUI's names
+    assert {"diffusion_model.layers.1.attention.qkv", "diffusion_model.context_refiner.0.feed_forward.w3",
+            "diffusion_model.t_embedder.mlp.0", "diffusion_model.final_layer.linear"} <= written
+    assert not any(".to_q" in k or ".attn." in k for k in lora)
     for stack, i in (("layers", 1), ("context_refiner", 0)):
         key = f"diffusion_model.{stack}.{i}.attention.qkv"
         down, up, alpha = lora[f"{key}.lora_down.weight"], lora[f"{key}.lora_up.weight"], lora[f"{key}.alpha"]
