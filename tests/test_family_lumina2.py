@@ -287,5 +287,8 @@ def test_lora_prepare_encodes_with_gemma_and_trains(tmp_path):
     torch.testing.assert_close(row["prompt_attention_mask"], mask[0].float())
     torch.testing.assert_close(row["prompt_embeds"], embeds[0], atol=1e-5, rtol=1e-5)
     assert 0 < int(row["prompt_attention_mask"].sum()) < 256
-    res = train_lora(str(pipeline), str(tmp_path / "dataset"), batch_size=1, **FAST)
+    # sampling feeds the same columns to Lumina2Pipeline (prompt_embeds, prompt_attention_mask, negative_*)
+    res = train_lora(str(pipeline), str(tmp_path / "dataset"), batch_size=1, output_dir=str(tmp_path / "out"),
+                     sample_prompts=["a red square"], sample_steps=2, sample_size="32", **FAST)
     assert all(math.isfinite(v) for v in res.loss["loss"])
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.png") if p.name != "loss.png")
