@@ -25,14 +25,14 @@ from trainer.models import get_family, load_model
 SIZE, TOKENS, CAPTION = 16, 8, 32  # latent side, caption tokens, caption features (Gemma's width)
 
 
-def tiny_lumina2():
+def tiny_lumina2(axes=(4, 6, 6)):
     from diffusers import Lumina2Transformer2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return Lumina2Transformer2DModel(
             sample_size=SIZE, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_refiner_layers=1,
-            num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 6, 6), cap_feat_dim=CAPTION)
+            num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=axes, cap_feat_dim=CAPTION)
 
 
 def masks(rows):
@@ -229,6 +229,39 @@ def test_detected_from_pipeline_and_bare_folders(tmp_path):
     assert loaded.scheduler_config["shift"] == 6.0
     tiny_lumina2().save_pretrained(tmp_path / "bare")
     assert load_model(str(tmp_path / "bare")).family.name == "lumina2"
+
+
+def original_state_dict(model):
+    """The model's weights under the original (ComfyUI's) names: q, k, v stacked into attention.qkv."""
+    names = get_family("lumina2").comfyui_names(model)
+    out, fused = {}, {}
+    for module, part in names.items():
+        for param, tensor in model.get_submodule(module).named_parameters(recurse=False):
+            key = f"{part.module}.{param}"
+            if part.start is None:
+                out[key] = tensor.detach().clone()
+            else:
+                fused.setdefault(key, []).append((part.start, tensor.detach()))
+    out.update({key: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]) for key, parts in fused.items()})
+    out["norm_final.weight"] = torch.ones(model.config.hidden_size)  # stored by the original model, never used
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_single_file_checkpoint_is_detected_and_loads(tmp_path, prefix):
+    """A file in the original names (ComfyUI's diffusion_models/ or an all-in-one checkpoint) at widths other
+    than Lumina-Image 2.0's: the config comes from the shapes, q/k/v are split by them."""
+    from safetensors.torch import save_file
+
+    model = tiny_lumina2(axes=(8, 4, 4))  # the rotary split the file cannot state: thirds, as Lumina-Image 2.0's
+    state = {prefix + k: v.contiguous() for k, v in original_state_dict(model).items()}
+    assert "layers.1.attention.qkv.weight" in original_state_dict(model)
+    save_file(state, str(tmp_path / "lumina.safetensors"))
+    loaded = load_model(str(tmp_path / "lumina.safetensors"))
+    assert loaded.family.name == "lumina2" and loaded.kind == "single_file"
+    assert loaded.scheduler_config["shift"] == 6.0
+    assert loaded.denoiser.config.num_kv_heads == 2 and loaded.denoiser.config.num_layers == 2
+    torch.testing.assert_close(transformer_output(loaded.denoiser), transformer_output(model), atol=1e-5, rtol=1e-5)
 
 
 def gemma_tokenizer(folder):

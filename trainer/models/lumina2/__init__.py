@@ -27,12 +27,17 @@ tensors under ``lora_transformer_<module with _>``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from diffusers import Lumina2Transformer2DModel
 
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
-from ..base import FamilyEncoding, ModelFamily, register_family
+from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
 from ..mmdit import has_module, peft_file_tensors
+from .names import QKV, STACKS, TOP_LEVEL, block_names, lumina2_config, original_to_diffusers
+
+CONFIGS = Path(__file__).parent / "configs"
 
 #: the sampling shift of Lumina-Image 2.0 (its pipeline's scheduler, and ComfyUI's Lumina2 model), for a
 #: model without a scheduler/ folder
@@ -60,6 +65,18 @@ class Lumina2(ModelFamily):
 
     def matches(self, config):
         return config.get("_class_name") == "Lumina2Transformer2DModel"
+
+    def matches_checkpoint(self, state_dict):
+        return has_checkpoint_key(state_dict, "cap_embedder.1.weight")  # ComfyUI's own test for Lumina 2
+
+    def single_file_config(self, state_dict):
+        return CONFIGS / "lumina_image_2", read_json(CONFIGS / "lumina_image_2" / "scheduler" / "scheduler_config.json")
+
+    def single_file_overrides(self, state_dict):
+        return lumina2_config(denoiser_keys(state_dict))
+
+    def single_file_state_dict(self, tensors):
+        return original_to_diffusers(tensors)
 
     def check_conditioning(self, model, shapes):
         config = model.config
@@ -92,29 +109,15 @@ class Lumina2(ModelFamily):
         return "lumina2"
 
     def comfyui_names(self, model):
-        # ComfyUI's NextDiT (comfy/ldm/lumina/model.py), which diffusers' single-file converter maps the same
+        # ComfyUI's NextDiT (comfy/ldm/lumina/model.py): the original model's names
         from ...adapters.comfyui import fused, renamed
 
-        names = renamed("", "", {
-            "x_embedder": "x_embedder",
-            "time_caption_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-            "time_caption_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-            "time_caption_embed.caption_embedder.0": "cap_embedder.0",
-            "time_caption_embed.caption_embedder.1": "cap_embedder.1",
-            "norm_out.linear_1": "final_layer.adaLN_modulation.1", "norm_out.linear_2": "final_layer.linear"})
-        blocks = [(f"{stack}.{i}.", modulated) for stack, modulated in
-                  (("noise_refiner", True), ("context_refiner", False), ("layers", True))
-                  for i in range(len(getattr(model, stack)))]
-        for block, modulated in blocks:
-            names.update(renamed(block, block, {
-                "attn.to_out.0": "attention.out", "attn.norm_q": "attention.q_norm", "attn.norm_k": "attention.k_norm",
-                "feed_forward.linear_1": "feed_forward.w1", "feed_forward.linear_2": "feed_forward.w2",
-                "feed_forward.linear_3": "feed_forward.w3", "norm2": "attention_norm2",
-                "ffn_norm1": "ffn_norm1", "ffn_norm2": "ffn_norm2",
-                # the modulated blocks' first norm sits inside their RMSNormZero
-                **({"norm1.linear": "adaLN_modulation.1", "norm1.norm": "attention_norm1"} if modulated
-                   else {"norm1": "attention_norm1"})}))
-            names.update(fused(model, f"{block}attention.qkv", [f"{block}attn.{p}" for p in ("to_q", "to_k", "to_v")]))
+        names = renamed("", "", TOP_LEVEL)
+        for stack in STACKS:
+            for i in range(len(getattr(model, stack))):
+                block = f"{stack}.{i}."
+                names.update(renamed(block, block, block_names(stack)))
+                names.update(fused(model, f"{block}attention.qkv", [block + p for p in QKV]))
         return {k: v for k, v in names.items() if has_module(model, k)}
 
     def offset_tensors(self, model, offsets):
