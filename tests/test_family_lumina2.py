@@ -25,14 +25,15 @@ from trainer.models import get_family, load_model
 SIZE, TOKENS, CAPTION = 16, 8, 32  # latent side, caption tokens, caption features (Gemma's width)
 
 
-def tiny_lumina2(axes=(4, 6, 6)):
+def tiny_lumina2(axes=(4, 6, 6), multiple_of=16):
     from diffusers import Lumina2Transformer2DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return Lumina2Transformer2DModel(
             sample_size=SIZE, patch_size=2, in_channels=4, hidden_size=64, num_layers=2, num_refiner_layers=1,
-            num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=axes, cap_feat_dim=CAPTION)
+            num_attention_heads=4, num_kv_heads=2, multiple_of=multiple_of, axes_dim_rope=axes,
+            cap_feat_dim=CAPTION)
 
 
 def masks(rows):
@@ -253,7 +254,10 @@ def test_single_file_checkpoint_is_detected_and_loads(tmp_path, prefix):
     than Lumina-Image 2.0's: the config comes from the shapes, q/k/v are split by them."""
     from safetensors.torch import save_file
 
-    model = tiny_lumina2(axes=(8, 4, 4))  # the rotary split the file cannot state: thirds, as Lumina-Image 2.0's
+    # the rotary split, which the file cannot state, in thirds as Lumina-Image 2.0's; a feed-forward width (288)
+    # that Lumina-Image 2.0's rule (4 x hidden, a multiple of 256) does not give
+    model = tiny_lumina2(axes=(8, 4, 4), multiple_of=96)
+    assert model.layers[0].feed_forward.linear_1.out_features == 288
     state = {prefix + k: v.contiguous() for k, v in original_state_dict(model).items()}
     assert "layers.1.attention.qkv.weight" in original_state_dict(model)
     save_file(state, str(tmp_path / "lumina.safetensors"))

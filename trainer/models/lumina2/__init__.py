@@ -23,6 +23,10 @@ key map for Lumina 2 (``comfy/lora.py`` maps only its own names: ``diffusion_mod
 ``lora_unet_<module with _>``), so files for ComfyUI are written with ``--file_layout comfyui``
 (:meth:`Lumina2.comfyui_names`: q, k, v fused into ``attention.qkv``). Other algorithms keep LyCORIS
 tensors under ``lora_transformer_<module with _>``.
+
+Single files in the original names (ComfyUI's ``diffusion_models/`` files and all-in-one checkpoints under
+``model.diffusion_model.``) load with a built-in Lumina-Image 2.0 config whose widths and depths are read
+from the file's shapes (:mod:`.names`).
 """
 
 from __future__ import annotations

@@ -80,6 +80,10 @@ def lumina2_config(state_dict: dict[str, torch.Tensor]) -> dict:
     ffn = state_dict["layers.0.feed_forward.w1.weight"].shape[0]
     patch = 2  # every Lumina 2 release; the file does not state it apart from the channel count
     side = 2 * (head_dim // 6)  # rotary dims per axis are not stored: Lumina-Image 2.0's equal thirds (32 of 96)
+    if -(-4 * hidden // 256) * 256 == ffn:  # Lumina-Image 2.0's own rule (multiple of 256, no multiplier)
+        feed_forward = dict(multiple_of=256, ffn_dim_multiplier=None)
+    else:  # the width is ceil(multiplier * 4 * hidden / multiple_of) * multiple_of: this gives it exactly
+        feed_forward = dict(multiple_of=1, ffn_dim_multiplier=(ffn + 0.5) / (4 * hidden))
     return dict(
         patch_size=patch,
         in_channels=patch_features // (patch * patch),
@@ -88,9 +92,7 @@ def lumina2_config(state_dict: dict[str, torch.Tensor]) -> dict:
         num_refiner_layers=count_blocks(state_dict, "noise_refiner"),
         num_attention_heads=hidden // head_dim,
         num_kv_heads=(qkv_rows - hidden) // (2 * head_dim),
-        # the feed-forward width is ceil(multiplier * 4 * hidden / multiple_of) * multiple_of: this gives it exactly
-        multiple_of=1,
-        ffn_dim_multiplier=(ffn + 0.5) / (4 * hidden),
+        **feed_forward,
         axes_dim_rope=(head_dim - 2 * side, side, side),
         cap_feat_dim=state_dict["cap_embedder.1.weight"].shape[1],
     )
