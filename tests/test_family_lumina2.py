@@ -329,3 +329,32 @@ def test_lora_prepare_encodes_with_gemma_and_trains(tmp_path):
                      sample_prompts=["a red square"], sample_steps=2, sample_size="32", **FAST)
     assert all(math.isfinite(v) for v in res.loss["loss"])
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.png") if p.name != "loss.png")
+
+
+# ----------------------------------------------------------------------------- without a mask, ComfyUI's inputs
+
+
+def test_a_dataset_without_masks_counts_every_token():
+    full = lumina_dataset(rows=4)
+    ones = full.map(lambda row: {"prompt_attention_mask": [1.0] * TOKENS})
+    bare = full.remove_columns("prompt_attention_mask")
+    a = train_lora(tiny_lumina2(), ones, batch_size=2, **FAST)
+    b = train_lora(tiny_lumina2(), bare, batch_size=2, **FAST)
+    assert a.loss == b.loss
+    padded = train_lora(tiny_lumina2(), full, batch_size=2, **FAST)
+    assert padded.loss["loss"] != a.loss["loss"]  # the mask is used
+
+
+def test_comfyui_conditioning_with_its_attention_mask_equals_the_dataset():
+    """The Train LoRA node's inputs: a raw LATENT (ComfyUI's Flux latent format, which its Lumina2 uses) and
+    CONDITIONING entries whose extras hold Gemma's attention mask [1, L]."""
+    from datasets import Dataset
+
+    data = lumina_dataset(rows=4).with_format("torch")[:]
+    raw = data["latents"] / 0.3611 + 0.1159
+    conditioning = [[data["prompt_embeds"][i:i + 1], {"attention_mask": data["prompt_attention_mask"][i:i + 1].long()}]
+                    for i in range(4)]
+    node = train_lora(tiny_lumina2(), {"samples": raw}, conditioning, batch_size=2, **FAST)
+    ours = train_lora(tiny_lumina2(), Dataset.from_dict({k: list(v.numpy()) for k, v in data.items()}), batch_size=2,
+                      **FAST)
+    assert node.loss["loss"] == pytest.approx(ours.loss["loss"], rel=1e-5)

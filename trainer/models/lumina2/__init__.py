@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from diffusers import Lumina2Transformer2DModel
 
 from ...errors import TrainerError
@@ -62,7 +63,10 @@ class Lumina2(ModelFamily):
     kohya_prefix = "lora_transformer_"
     # the attention projections of every block (refiners and main layers); ComfyUI fuses q, k, v
     default_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
-    conditioning = {"prompt_embeds": 2, "prompt_attention_mask": 1}
+    conditioning = {"prompt_embeds": 2}
+    # lora-prepare always writes the mask; without one every token is a caption token (unpadded embeddings,
+    # such as ComfyUI's Gemma encoder makes)
+    optional_conditioning = {"prompt_attention_mask": 1}
     # the transformer patches 2x2 latent pixels into one token; the VAE is FLUX.1's (16 channels)
     encoding = FamilyEncoding(1024, lambda config: config.get("patch_size", 2), encode_text,
                               latent_scale=(0.3611, 0.1159))
@@ -88,7 +92,7 @@ class Lumina2(ModelFamily):
         if width != config.cap_feat_dim:
             raise TrainerError(f"prompt_embeds have {width} features but the model's cap_feat_dim is "
                                f"{config.cap_feat_dim}: the conditioning was encoded for another model")
-        if shapes["prompt_attention_mask"][-1] != tokens:
+        if "prompt_attention_mask" in shapes and shapes["prompt_attention_mask"][-1] != tokens:
             raise TrainerError(f"prompt_attention_mask has {shapes['prompt_attention_mask'][-1]} entries per row "
                                f"but prompt_embeds have {tokens} tokens: the columns do not belong together")
         p = config.patch_size
@@ -101,13 +105,21 @@ class Lumina2(ModelFamily):
                                   patch_size=loaded.denoiser.config.patch_size)
 
     def forward(self, model, noisy, timesteps, batch):
-        mask = batch["prompt_attention_mask"] > 0.5  # stored as numbers; the transformer counts True entries
+        prompt = batch["prompt_embeds"]
+        mask = batch.get("prompt_attention_mask")
+        # stored as numbers; the transformer counts the True entries of each row
+        mask = mask > 0.5 if mask is not None else torch.ones(prompt.shape[:2], dtype=torch.bool, device=prompt.device)
         # padding after the longest caption of the batch changes nothing the transformer computes: cut it
         keep = max(int(mask.sum(dim=1).max()), 1)
         velocity = model(hidden_states=noisy, timestep=1 - timesteps / 1000,  # Lumina's clock: 1 = clean
-                         encoder_hidden_states=batch["prompt_embeds"][:, :keep],
+                         encoder_hidden_states=prompt[:, :keep],
                          encoder_attention_mask=mask[:, :keep], return_dict=False)[0]
         return -velocity  # Lumina2Pipeline negates it too: the model points from noise to data
+
+    def comfyui_extra_columns(self, extra):
+        # ComfyUI's Lumina 2 text encoders return their attention mask with the embeddings
+        mask = extra.get("attention_mask")
+        return {"prompt_attention_mask": mask.float().reshape(-1)} if isinstance(mask, torch.Tensor) else {}
 
     def base_model_version(self, model):
         return "lumina2"
