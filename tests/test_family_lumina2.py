@@ -218,6 +218,18 @@ def test_comfyui_layout_fuses_qkv_with_the_same_update(tmp_path):
         expected = torch.cat([layers[f"{stack}.{i}.attn.{p}"].get_delta_weight("default")
                               for p in ("to_q", "to_k", "to_v")])
         torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-5)
+    # and the trainer reads the fused file back (split into q, k, v): the same model
+    from trainer.adapters import attach_adapter, get_algorithm
+    from trainer.adapters.formats import read_existing_adapter
+
+    model = tiny_lumina2()
+    existing = read_existing_adapter(res.lora_path, model, get_family("lumina2"))
+    algorithm = get_algorithm("LoRA")
+    attach_adapter(model, algorithm, seed=0, **existing.attach_arguments())
+    for name, tensors in existing.modules.items():
+        algorithm.import_layer(adapter_layers(model)[name], tensors)
+    torch.testing.assert_close(transformer_output(model), transformer_output(res.model_with_lora), atol=1e-5,
+                               rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- detection and lora-prepare
