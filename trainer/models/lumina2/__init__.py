@@ -6,7 +6,8 @@ for Lumina-Image 2.0, right-padded to ``max_sequence_length`` = 256 tokens) and 
 [L] (1 for a real token, 0 for padding), both as ``Lumina2Pipeline.encode_prompt`` returns them (its
 system prompt and ``<Prompt Start>`` included). The transformer only looks at the first
 ``mask.sum()`` caption tokens of each row, so :meth:`Lumina2.forward` cuts the padding common to the
-whole batch before calling it (the same output, fewer tokens).
+whole batch before calling it (the same output, fewer tokens). Without a mask column every token is a
+caption token (unpadded embeddings); ComfyUI's CONDITIONING gives its mask in the ``attention_mask`` extra.
 
 Noise and time: the same rectified flow as SD3/Flux, ``x_s = (1 - s) x0 + s eps`` with the scheduler
 config's shift (6.0 for Lumina-Image 2.0), but the transformer's clock runs the other way:
@@ -43,10 +44,8 @@ from ..mmdit import has_module, peft_file_tensors
 from .names import QKV, STACKS, TOP_LEVEL, block_names, lumina2_config, original_to_diffusers
 
 CONFIGS = Path(__file__).parent / "configs"
-
-#: the sampling shift of Lumina-Image 2.0 (its pipeline's scheduler, and ComfyUI's Lumina2 model), for a
-#: model without a scheduler/ folder
-DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 6.0}
+#: Lumina-Image 2.0's scheduler (shift 6.0, as ComfyUI's Lumina2 model samples too), for a model without one
+DEFAULT_SCHEDULER = CONFIGS / "lumina_image_2" / "scheduler" / "scheduler_config.json"
 
 
 def encode_text(pipe, captions, device):
@@ -78,7 +77,7 @@ class Lumina2(ModelFamily):
         return has_checkpoint_key(state_dict, "cap_embedder.1.weight")  # ComfyUI's own test for Lumina 2
 
     def single_file_config(self, state_dict):
-        return CONFIGS / "lumina_image_2", read_json(CONFIGS / "lumina_image_2" / "scheduler" / "scheduler_config.json")
+        return CONFIGS / "lumina_image_2", read_json(DEFAULT_SCHEDULER)
 
     def single_file_overrides(self, state_dict):
         return lumina2_config(denoiser_keys(state_dict))
@@ -101,7 +100,7 @@ class Lumina2(ModelFamily):
             raise TrainerError(f"--latents: latent size {height}x{width} is not a multiple of the patch size {p}")
 
     def make_objective(self, loaded, options):
-        return FlowMatchObjective(loaded.scheduler_config or DEFAULT_SCHEDULER, options,
+        return FlowMatchObjective(loaded.scheduler_config or read_json(DEFAULT_SCHEDULER), options,
                                   patch_size=loaded.denoiser.config.patch_size)
 
     def forward(self, model, noisy, timesteps, batch):
