@@ -15,12 +15,13 @@ transformer predicts ``x0 - noise``. Training feeds the same time and compares `
 usual flow-matching target ``noise - x0``, so the loss is the one of the sampler's velocity. The noise
 levels are shifted by the scheduler config's ``shift`` (3.0 for Z-Image-Turbo, no dynamic shift).
 
-File layout (SPEC section 5): LoRA tensors under diffusers names with real alpha tensors,
-``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` / ``transformer.<module>.alpha``:
-diffusers' ``ZImageLoraLoaderMixin`` folds such alpha tensors into the weights (scale ``alpha / rank``),
-and ComfyUI's Z-Image key map names these modules under ``transformer.`` (as well as
-``diffusion_model.``, ai-toolkit's prefix) and reads ``<key>.alpha``. Other algorithms keep LyCORIS
-tensors under ``lycoris_<module with _>``, the name ComfyUI's Z-Image key map gives them.
+File layout (SPEC section 5): LoRA tensors under diffusers module names with real alpha tensors and
+the ``diffusion_model.`` prefix, ``diffusion_model.<module>.lora_A.weight`` / ``lora_B.weight`` /
+``diffusion_model.<module>.alpha``: the layout of the common Z-Image LoRAs (ai-toolkit's), which
+diffusers' ``ZImageLoraLoaderMixin`` reads (it folds the alpha tensors into the weights, scale
+``alpha / rank``; a ``transformer.`` prefix next to alpha tensors it would double) and ComfyUI's Z-Image
+key map names (``diffusion_model.<diffusers module>``, alpha from ``<key>.alpha``). Other algorithms
+keep LyCORIS tensors under ``lycoris_<module with _>``, the name ComfyUI's Z-Image key map gives them.
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ class ZImage(ModelFamily):
 
     def file_tensors(self, module, tensors):
         if "lora_down.weight" in tensors:
-            return peft_file_tensors(module, tensors, fold_alpha=False)
+            # diffusers' Z-Image loader adds "transformer." itself to files holding alpha tensors
+            return {"diffusion_model." + key.removeprefix("transformer."): tensor
+                    for key, tensor in peft_file_tensors(module, tensors, fold_alpha=False).items()}
         key = "lycoris_" + module.replace(".", "_")
         return {f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()}
 
