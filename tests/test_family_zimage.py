@@ -294,3 +294,27 @@ def test_prepare_encodes_with_qwen3_and_trains(tmp_path):
     torch.testing.assert_close(row["latents"].float(), (z - 0.25) * 0.5, atol=1e-4, rtol=1e-4)
     res = train_lora(str(tmp_path / "pipe"), str(tmp_path / "data"), batch_size=1, **FAST)
     assert all(math.isfinite(v) for v in res.loss["loss"])
+
+
+def test_samples_from_the_pipeline_with_captions_cut_to_their_tokens(tmp_path):
+    """--sample_prompts: the prompts are encoded with the pipeline's Qwen3 and handed to ZImagePipeline as
+    lists of real-token embeddings (what its own encode_prompt gives), with a negative prompt for CFG."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.sampling import SamplePrompt, encode_prompts
+
+    pipe = tiny_pipeline(text=True)
+    pipe.save_pretrained(tmp_path / "pipe")
+    prompts = [SamplePrompt("a red square", negative="a dog"), SamplePrompt("a tall thin tower")]
+    embeds = encode_prompts(tmp_path / "pipe", "zimage", prompts, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        expected, negative = pipe.encode_prompt("a red square", device=torch.device("cpu"), negative_prompt="a dog")
+    assert set(embeds[0]) == {"prompt_embeds", "negative_prompt_embeds"}
+    torch.testing.assert_close(embeds[0]["prompt_embeds"][0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embeds[0]["negative_prompt_embeds"][0], negative[0], atol=1e-5, rtol=1e-5)
+    (tmp_path / "prompts.txt").write_text("a red square --n a dog\na tall thin tower\n")
+    train_lora(str(tmp_path / "pipe"), dataset(rows=2), batch_size=2, output_dir=str(tmp_path / "run"),
+               sample_prompts=str(tmp_path / "prompts.txt"), sample_steps=2, sample_guidance=2.0, **FAST)
+    image = np.asarray(Image.open(tmp_path / "run" / "samples" / "step-00000002" / "0.png"))
+    assert image.shape == (16, 16, 3)  # the dataset's 8x8 latents x the VAE's factor 2
