@@ -318,3 +318,35 @@ def test_samples_from_the_pipeline_with_captions_cut_to_their_tokens(tmp_path):
                sample_prompts=str(tmp_path / "prompts.txt"), sample_steps=2, sample_guidance=2.0, **FAST)
     image = np.asarray(Image.open(tmp_path / "run" / "samples" / "step-00000002" / "0.png"))
     assert image.shape == (16, 16, 3)  # the dataset's 8x8 latents x the VAE's factor 2
+
+
+def original_layout(model) -> dict[str, torch.Tensor]:
+    """The transformer's tensors in Z-Image's original names (ComfyUI's diffusion_models files): fused
+    qkv, attention.out, q_norm/k_norm, x_embedder and final_layer without the patch key."""
+    out = {}
+    for key, tensor in model.state_dict().items():
+        key = key.replace("all_x_embedder.2-1.", "x_embedder.").replace("all_final_layer.2-1.", "final_layer.")
+        key = key.replace(".attention.to_out.0.", ".attention.out.").replace(".attention.norm_q.", ".attention.q_norm.")
+        key = key.replace(".attention.norm_k.", ".attention.k_norm.")
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            parts = [model.state_dict()[key.replace(".attention.to_q.", f".attention.to_{p}.")] for p in "qkv"]
+            key, tensor = key.replace(".attention.to_q.", ".attention.qkv."), torch.cat(parts)
+        out[key] = tensor.contiguous()
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_single_file_in_the_original_layout(tmp_path, prefix):
+    from safetensors.torch import save_file
+
+    model = tiny_zimage()
+    save_file({prefix + k: v for k, v in original_layout(model).items()}, str(tmp_path / "z.safetensors"))
+    loaded = load_model(str(tmp_path / "z.safetensors"))
+    assert loaded.family.name == "zimage" and loaded.kind == "single_file"
+    assert loaded.scheduler_config["shift"] == 3.0
+    config = loaded.denoiser.config
+    assert (config.dim, config.n_layers, config.n_refiner_layers, config.n_heads, config.cap_feat_dim,
+            list(config.axes_dims)) == (32, 1, 1, 2, CAP_DIM, [4, 6, 6])
+    torch.testing.assert_close(denoiser_output(loaded.denoiser), denoiser_output(model))

@@ -26,14 +26,25 @@ keep LyCORIS tensors under ``lycoris_<module with _>``, the name ComfyUI's Z-Ima
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import ZImageTransformer2DModel
 
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
-from ..base import FamilyEncoding, ModelFamily, register_family
+from ..base import (
+    FamilyEncoding,
+    ModelFamily,
+    checkpoint_tensor,
+    denoiser_keys,
+    has_checkpoint_key,
+    read_json,
+    register_family,
+)
 from ..mmdit import peft_file_tensors
 
+CONFIGS = Path(__file__).parent / "configs"
 #: FlowMatchEulerDiscreteScheduler config of Z-Image-Turbo, for a model without a scheduler/ folder
 DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                      "shift": 3.0, "use_dynamic_shifting": False}
@@ -54,6 +65,12 @@ def encode_text(pipe, captions, device):
         padded[i, :len(e)] = e
         mask[i, :len(e)] = 1
     return {"prompt_embeds": padded, "prompt_attention_mask": mask}
+
+
+def _count(state_dict, prefix: str) -> int:
+    """Number of ``<prefix>.<i>.*`` blocks in an original-layout checkpoint."""
+    indices = {int(key.split(".")[1]) for key in state_dict if key.startswith(prefix + ".")}
+    return max(indices) + 1 if indices else 0
 
 
 def caption_list(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -82,6 +99,36 @@ class ZImage(ModelFamily):
 
     def matches(self, config):
         return config.get("_class_name") == "ZImageTransformer2DModel"
+
+    def matches_checkpoint(self, state_dict):
+        # the original layout (ComfyUI's diffusion_models files): a block's modulation is one Linear
+        # (Lumina 2's, otherwise alike, is SiLU + Linear: adaLN_modulation.1); diffusers keys on this too
+        return has_checkpoint_key(state_dict, "layers.0.adaLN_modulation.0.weight") and has_checkpoint_key(
+            state_dict, "cap_embedder.1.weight")
+
+    def single_file_config(self, state_dict):
+        variant = CONFIGS / "zimage_turbo"
+        return variant, read_json(variant / "scheduler" / "scheduler_config.json")
+
+    def single_file_overrides(self, state_dict):
+        sd = denoiser_keys(state_dict)
+        dim, patch_features = sd["x_embedder.weight"].shape
+        norm = checkpoint_tensor(sd, "layers.0.attention.q_norm.weight")
+        head_dim = norm.shape[0] if norm is not None else 128  # Z-Image's heads are 128 wide
+        # the rotary split is not stored: Z-Image's (32, 48, 48) at 128, the same proportions elsewhere
+        side = 2 * int(head_dim * 3 / 8 / 2)
+        heads = dim // head_dim
+        return dict(
+            dim=dim,
+            in_channels=patch_features // 4,  # 2x2 patches of one frame
+            n_layers=_count(sd, "layers"),
+            n_refiner_layers=_count(sd, "noise_refiner"),
+            n_heads=heads,
+            n_kv_heads=heads,
+            qk_norm=norm is not None,
+            cap_feat_dim=sd["cap_embedder.1.weight"].shape[1],
+            axes_dims=[head_dim - 2 * side, side, side],
+        )
 
     def check_conditioning(self, model, shapes):
         config = model.config
