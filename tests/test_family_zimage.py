@@ -3,8 +3,9 @@
 The training prediction is checked against one step of diffusers' own ``ZImagePipeline`` (its time
 ``1 - sigma`` and negated output); training lowers the loss on caption rows of different lengths
 (padded + mask); the saved file, loaded by ``ZImagePipeline.load_lora_weights``, gives the denoiser of
-``model_with_lora``; ``--existing_lora`` reads it back and continues; the family is detected from a
-pipeline and a bare folder; ``lora-prepare`` encodes images and captions with a tiny Qwen3 and VAE.
+``model_with_lora``; ``--existing_lora`` reads it back and continues; LyCORIS algorithms use ComfyUI's
+``lycoris_`` names; the family is detected from a pipeline folder, a bare folder and a single file in the
+original layout; ``lora-prepare`` and ``--sample_prompts`` encode with a tiny Qwen3 as the pipeline does.
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def test_mask_cuts_each_caption_to_its_tokens():
     cut = caption_list({"prompt_embeds": embeds, "prompt_attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])})
     assert [c.flatten().tolist() for c in cut] == [[0.0, 1.0], [4.0, 5.0, 6.0, 7.0]]
     assert [len(c) for c in caption_list({"prompt_embeds": embeds})] == [4, 4]
+    with pytest.raises(TrainerError, match="marks no token as real"):
+        caption_list({"prompt_embeds": embeds, "prompt_attention_mask": torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]])})
 
 
 # ----------------------------------------------------------------------------- training and files

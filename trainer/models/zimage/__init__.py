@@ -79,7 +79,11 @@ def caption_list(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     mask = batch.get("prompt_attention_mask")
     if mask is None:
         return list(embeds.unbind(0))
-    return [e[m > 0.5] for e, m in zip(embeds, mask)]
+    captions = [e[m > 0.5] for e, m in zip(embeds, mask)]
+    if any(len(c) == 0 for c in captions):
+        raise TrainerError("prompt_attention_mask: a row marks no token as real; Z-Image needs at least one "
+                           "caption token per row (prepared captions always have the chat template's)")
+    return captions
 
 
 @register_family
