@@ -145,6 +145,30 @@ def test_mask_cuts_each_caption_to_its_tokens():
         caption_list({"prompt_embeds": embeds, "prompt_attention_mask": torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]])})
 
 
+@pytest.mark.parametrize("options", [{}, {"objective": "x0"}])
+def test_first_loss_matches_an_independent_computation(options):
+    """The trainer's first loss from the batch's own draws, written out here: logit-normal sigma shifted by
+    3, x_s = (1 - s) x0 + s eps, the transformer fed 1 - s and each caption's real tokens, its output
+    negated; target eps - x0 (or, for x0, the clean latents from x_s - s v)."""
+    from trainer.data import LatentBatches, StepBatchSampler, TrainingData
+
+    data = dataset()
+    res = train_lora(tiny_zimage(), data, batch_size=2, **{**FAST, "steps": 1}, **options)
+    model = tiny_zimage()
+    rows = TrainingData(data, None, get_family("zimage"), model)
+    batch = LatentBatches(rows, 0).__getitems__(next(iter(StepBatchSampler(rows.num_rows, 2, 1, 1, 0, 0, 1))))
+    x0, eps, u = batch["latents"], batch["noise"], batch["u"]
+    s = torch.sigmoid(torch.distributions.Normal(0.0, 1.0).icdf(u)).clamp(1e-3, 1.0)
+    sigma = 3 * s / (1 + 2 * s)
+    xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    captions = [e[: int(m.sum())] for e, m in zip(batch["prompt_embeds"], batch["prompt_attention_mask"])]
+    with torch.no_grad():
+        out = torch.stack(model(list(xt.unsqueeze(2).unbind(0)), 1 - sigma, captions, return_dict=False)[0])
+    v = -out.squeeze(2)
+    pred, target = (xt - sigma.view(-1, 1, 1, 1) * v, x0) if options else (v, eps - x0)
+    assert res.loss["loss"][0] == pytest.approx(torch.nn.functional.mse_loss(pred, target).item(), rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- training and files
 
 
