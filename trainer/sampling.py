@@ -185,7 +185,7 @@ class PromptSampler:
         width = prompt.width or self.size[0]
         height = prompt.height or self.size[1]
         seed = prompt.seed if prompt.seed is not None else (self.seed + k) % 2**64
-        kwargs: dict[str, Any] = {name: value.to(accelerator.device) for name, value in embeds.items()}
+        kwargs: dict[str, Any] = {name: _to_device(value, accelerator.device) for name, value in embeds.items()}
         guidance = prompt.guidance if prompt.guidance is not None else self.guidance
         if guidance is not None:
             kwargs["guidance_scale"] = guidance
@@ -198,6 +198,11 @@ class PromptSampler:
         except ValueError as e:  # the pipeline's own input checks (e.g. a size its VAE cannot make)
             raise TrainerError(f"--sample_prompts: prompt {k} ({prompt.prompt[:40]!r}, {width}x{height}): "
                                f"{str(e).splitlines()[0]}") from None
+
+
+def _to_device(value, device: torch.device):
+    """A call argument on ``device``: a tensor, or a list of tensors (Z-Image's per-prompt embeddings)."""
+    return [v.to(device) for v in value] if isinstance(value, list) else value.to(device)
 
 
 def _denoiser_name(pipe) -> str:
@@ -339,7 +344,8 @@ def encode_prompts(source, family: str, prompts: list[SamplePrompt], dtype: torc
     else:
         pipe = source
         device = pipe.device
-    encode = get_family(family).encoding.encode_text
+    family = get_family(family)
+    encode = family.encoding.encode_text
     positive = encode(pipe, [p.prompt for p in prompts], device)
     negative = encode(pipe, [p.negative for p in prompts], device)
     if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
@@ -348,8 +354,9 @@ def encode_prompts(source, family: str, prompts: list[SamplePrompt], dtype: torc
             if not p.negative:
                 for tensor in negative.values():
                     tensor[k] = 0
-    embeds = [{**{name: value[k:k + 1].cpu() for name, value in positive.items()},
-               **{f"negative_{name}": value[k:k + 1].cpu() for name, value in negative.items()}}
+    embeds = [family.sampling_arguments({**{name: value[k:k + 1].cpu() for name, value in positive.items()},
+                                         **{f"negative_{name}": value[k:k + 1].cpu()
+                                            for name, value in negative.items()}})
               for k in range(len(prompts))]
     if isinstance(source, Path):
         del pipe  # the text encoders are not needed again

@@ -207,6 +207,11 @@ class ModelFamily(ABC):
         holds that module's weight (``--file_layout comfyui``, and reading the node's files)."""
         raise TrainerError(f"--file_layout comfyui: ComfyUI's module names are not known for {self.name}")
 
+    def sampling_arguments(self, embeds: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The pipeline's call arguments (tensors, or lists of tensors) from one prompt's encoded columns
+        (``prompt_embeds``, ``negative_prompt_embeds``, ..., each [1, ...]): by default the columns."""
+        return embeds
+
     def file_metadata(self, tensors: dict[str, torch.Tensor], rank: int, alpha: float) -> dict[str, str]:
         """Metadata entries that this family's layout of ``tensors`` (the file) sets differently from the
         trainer's defaults."""
