@@ -30,6 +30,8 @@ from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, has_checkpoint_key, register_family
 from ..mmdit import peft_file_tensors
 
+#: diffusers' name of the approximator that makes every block's modulation from the timestep
+APPROXIMATOR = "distilled_guidance_layer."
 #: Chroma1-HD's scheduler (FLUX.1 dev's): the shift grows with the image's token count
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
              "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
@@ -166,10 +168,15 @@ class Chroma(ModelFamily):
         return unpack(tokens, h, w)
 
     def offset_tensors(self, model, offsets):
-        from ...adapters.comfyui import split_offsets
+        from ...adapters.comfyui import split_offsets, to_comfyui
 
-        rest, comfy_keys = split_offsets(model, self.comfyui_names(model), offsets)
-        return {**super().offset_tensors(model, rest), **comfy_keys}
+        names = self.comfyui_names(model)
+        # ComfyUI's Flux key map has no names for the approximator, so its offsets go under ComfyUI's generic
+        # names (diffusion_model.<its module>), which its loader reads; diffusers reads no offsets at all
+        approximator = {m: o for m, o in offsets.items() if m.startswith(APPROXIMATOR)}
+        rest, comfy_keys = split_offsets(model, names, {m: o for m, o in offsets.items() if m not in approximator})
+        own, _ = to_comfyui({}, approximator, "LoRA", names, {})
+        return {**super().offset_tensors(model, rest), **comfy_keys, **own}
 
     def comfyui_names(self, model):
         # ComfyUI's Chroma (comfy/ldm/chroma/model.py, Flux's blocks without their modulation linears); its
