@@ -149,6 +149,14 @@ def test_first_loss_matches_an_independent_computation(mask):
 def test_gradient_checkpointing_masks_the_same_tokens():
     """diffusers drops the mask of checkpointed single blocks; the family hands it back, so checkpointing
     changes nothing: same losses and same trained tensors."""
+    family, model = get_family("chroma"), tiny_chroma()
+    batch = first_batch(chroma_dataset(), model)
+    inputs = (batch["latents"], torch.tensor([300.0, 800.0]), batch)
+    plain = family.forward(model, *inputs)
+    model.enable_gradient_checkpointing()
+    checkpointed = family.forward(model, *inputs)
+    assert checkpointed.requires_grad  # the checkpointed path ran
+    torch.testing.assert_close(checkpointed, plain, atol=1e-7, rtol=1e-7)
     common = dict(rank=4, learning_rate=0.02, **{**FAST, "steps": 2})
     plain = train_lora(tiny_chroma(), chroma_dataset(), **common)
     checkpointed = train_lora(tiny_chroma(), chroma_dataset(), **{**common, "gradient_checkpointing": True})
