@@ -307,8 +307,11 @@ def test_prepare_encodes_with_the_pipelines_t5_and_vae_then_trains(tmp_path):
     length = len(pipe.tokenizer("a red square").input_ids)
     assert row["prompt_attention_mask"].shape == (512,) and row["prompt_attention_mask"].sum() == length + 1
     torch.testing.assert_close(row["prompt_attention_mask"], mask[0])
-    res = train_lora(str(pipeline), str(tmp_path / "dataset"), batch_size=1, **FAST)
+    # sampling feeds the same columns to ChromaPipeline (prompt_embeds, prompt_attention_mask, negative_*)
+    res = train_lora(str(pipeline), str(tmp_path / "dataset"), batch_size=1, output_dir=str(tmp_path / "run"),
+                     sample_prompts=["a red square --n a blue circle --s 2"], **FAST)
     assert all(math.isfinite(v) for v in res.loss["loss"])
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["step-00000000", "step-00000002"]
 
 
 # ----------------------------------------------------------------------------- bad input
