@@ -152,7 +152,7 @@ class Chroma(ModelFamily):
         return FlowMatchObjective(loaded.scheduler_config or SCHEDULER, options, patch_size=2)
 
     def forward(self, model, noisy, timesteps, batch):
-        b, _, h, w = noisy.shape
+        h, w = noisy.shape[-2:]
         prompt = batch["prompt_embeds"]
         mask = attention_mask(batch.get("prompt_attention_mask"), (h // 2) * (w // 2))
         with masked_checkpointed_single_blocks(model, mask):
