@@ -74,7 +74,10 @@ class Lumina2(ModelFamily):
         return config.get("_class_name") == "Lumina2Transformer2DModel"
 
     def matches_checkpoint(self, state_dict):
-        return has_checkpoint_key(state_dict, "cap_embedder.1.weight")  # ComfyUI's own test for Lumina 2
+        # ComfyUI's own test for Lumina 2 (cap_embedder), and its blocks' modulation as SiLU + Linear
+        # (adaLN_modulation.1): Z-Image's otherwise alike blocks hold one Linear (adaLN_modulation.0)
+        return has_checkpoint_key(state_dict, "cap_embedder.1.weight") and has_checkpoint_key(
+            state_dict, "layers.0.adaLN_modulation.1.weight")
 
     def single_file_config(self, state_dict):
         return CONFIGS / "lumina_image_2", read_json(DEFAULT_SCHEDULER)
