@@ -154,12 +154,17 @@ def test_padding_is_neutral_and_a_dataset_without_mask_trains():
     g = torch.Generator().manual_seed(0)
     x, text = torch.randn(1, CHANNELS, SIZE, SIZE, generator=g), torch.randn(1, 5, WIDTH, generator=g)
     family = get_family("qwenimage")
+    longer = torch.cat([text, torch.randn(1, 3, WIDTH, generator=g)], 1)
+    mask = torch.tensor([[1.0] * 5 + [0.0] * 3])
     with torch.no_grad():
         short = family.forward(model, x, torch.tensor([300.0]), {"prompt_embeds": text})
-        padded = family.forward(model, x, torch.tensor([300.0]),
-                                {"prompt_embeds": torch.cat([text, torch.randn(1, 3, WIDTH)], 1),
-                                 "prompt_embeds_mask": torch.tensor([[1.0] * 5 + [0.0] * 3])})
+        padded = family.forward(model, x, torch.tensor([300.0]), {"prompt_embeds": longer, "prompt_embeds_mask": mask})
+        # the transformer given all 8 tokens and the mask, as the pipeline would (forward cuts the padding)
+        whole = unpack(model(hidden_states=pack(x), encoder_hidden_states=longer, encoder_hidden_states_mask=mask,
+                             timestep=torch.tensor([0.3]), img_shapes=[[(1, SIZE // 2, SIZE // 2)]]).sample,
+                       SIZE, SIZE)
     torch.testing.assert_close(padded, short, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, whole, atol=1e-5, rtol=1e-5)
     res = train_lora(tiny_qwen(), qwen_dataset(mask=False), **FAST)
     assert res.steps == 2 and all(math.isfinite(v) for v in res.loss["loss"])
 
