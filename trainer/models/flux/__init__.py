@@ -134,7 +134,7 @@ class Flux(ModelFamily):
         return "flux1"  # kohya's value for FLUX.1 dev and schnell
 
     def offset_tensors(self, model, offsets):
-        from ..adapters.comfyui import split_offsets
+        from ...adapters.comfyui import split_offsets
 
         rest, comfy_keys = split_offsets(model, self.comfyui_names(model), offsets)
         return {**super().offset_tensors(model, rest), **comfy_keys}

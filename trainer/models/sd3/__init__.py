@@ -126,7 +126,7 @@ class StableDiffusion3(ModelFamily):
         return "sd3.5_large" if model.config.num_layers >= 38 else "sd3"
 
     def offset_tensors(self, model, offsets):
-        from ..adapters.comfyui import split_offsets
+        from ...adapters.comfyui import split_offsets
 
         rest, comfy_keys = split_offsets(model, self.comfyui_names(model), offsets)
         return {**super().offset_tensors(model, rest), **comfy_keys}
