@@ -273,6 +273,30 @@ def test_detection_from_pipeline_and_bare_folders(tmp_path):
         assert loaded.vae_scale_factor == 4  # 2 ** len(temperal_downsample) of the tiny VAE
 
 
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_single_file_is_detected_and_loads(prefix, tmp_path):
+    """ComfyUI's diffusion-model file (qwen_image_bf16.safetensors: diffusers' names) or an all-in-one one;
+    depth and widths come from the shapes (heads of 128, as Qwen-Image's rotary axes need)."""
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = QwenImageTransformer2DModel(in_channels=CHANNELS * 4, out_channels=CHANNELS, num_layers=1,
+                                            attention_head_dim=128, num_attention_heads=1, joint_attention_dim=WIDTH)
+    save_file({prefix + k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "q.safetensors"))
+    loaded = load_model(str(tmp_path / "q.safetensors"))
+    assert loaded.family.name == "qwenimage" and loaded.kind == "single_file"
+    assert loaded.scheduler_config["max_image_seq_len"] == 8192
+    assert {k: loaded.denoiser.config[k] for k in ("num_layers", "num_attention_heads", "in_channels")} == {
+        "num_layers": 1, "num_attention_heads": 1, "in_channels": CHANNELS * 4}
+    torch.testing.assert_close(denoiser_output(loaded.denoiser), denoiser_output(model))
+    small = {k: v.contiguous() for k, v in tiny_qwen().state_dict().items()}  # heads of 16
+    save_file(small, str(tmp_path / "small.safetensors"))
+    with pytest.raises(TrainerError, match="heads of 16 .* needs --model_config"):
+        load_model(str(tmp_path / "small.safetensors"))
+
+
 # ----------------------------------------------------------------------------- lora-prepare
 
 

@@ -28,13 +28,24 @@ model from its ``diffusion_model.`` weights.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 from diffusers import QwenImageTransformer2DModel
 
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
-from ..base import FamilyEncoding, ModelFamily, register_family
+from ..base import (
+    FamilyEncoding,
+    ModelFamily,
+    denoiser_keys,
+    has_checkpoint_key,
+    read_json,
+    register_family,
+)
 
+CONFIGS = Path(__file__).parent / "configs"
 #: FlowMatchEulerDiscreteScheduler config of Qwen-Image (its scheduler/ folder), for a bare transformer
 DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
                      "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
@@ -108,6 +119,31 @@ class QwenImage(ModelFamily):
 
     def matches(self, config):
         return config.get("_class_name") == "QwenImageTransformer2DModel"
+
+    def matches_checkpoint(self, state_dict):
+        # ComfyUI's detection key for Qwen-Image; its files (qwen_image_bf16.safetensors) use diffusers' names
+        return (has_checkpoint_key(state_dict, "txt_norm.weight")
+                and has_checkpoint_key(state_dict, "transformer_blocks.0.img_mod.1.weight"))
+
+    def single_file_config(self, state_dict):
+        return CONFIGS / "qwen_image", read_json(CONFIGS / "qwen_image" / "scheduler" / "scheduler_config.json")
+
+    def single_file_overrides(self, state_dict):
+        """Depth and widths from the shapes; the rotary axes are not in the weights (Qwen-Image's
+        (16, 56, 56) needs heads of 128)."""
+        tensors = denoiser_keys(state_dict)
+        img_in, head = tensors["img_in.weight"], tensors["transformer_blocks.0.attn.norm_q.weight"]
+        if head.shape[0] != 128:
+            raise TrainerError(f"--model: a Qwen-Image file with attention heads of {head.shape[0]} (not 128) needs "
+                               "--model_config: its rotary axes are not in the weights")
+        blocks = {int(m.group(1)) for key in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", key))}
+        return {"in_channels": img_in.shape[1], "attention_head_dim": head.shape[0],
+                "num_attention_heads": img_in.shape[0] // head.shape[0], "num_layers": max(blocks) + 1,
+                "joint_attention_dim": tensors["txt_in.weight"].shape[1],
+                "out_channels": tensors["proj_out.weight"].shape[0] // 4}  # one 2x2 patch per token
+
+    def single_file_state_dict(self, tensors):
+        return tensors  # diffusers' from_single_file takes Qwen-Image files under their own (diffusers) names
 
     def latent_channels(self, model):
         return model.config.in_channels // 4  # the transformer sees 2x2 patches
