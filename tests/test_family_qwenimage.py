@@ -387,3 +387,18 @@ def test_comfyui_latent_with_a_frame_axis_is_normalised_per_channel():
 def test_bad_input_names_the_problem(dataset, message):
     with pytest.raises(TrainerError, match=message):
         train_lora(tiny_qwen(), dataset(), **FAST)
+
+
+def test_samples_with_its_own_pipeline(tmp_path):
+    """--sample_prompts: QwenImagePipeline from the folder, fed the encoded prompts and masks."""
+    import numpy as np
+    from PIL import Image
+
+    tokenizer, encoder = tiny_text_encoder(tmp_path / "tokenizer-files")
+    tiny_pipeline(text_encoder=encoder, tokenizer=tokenizer).save_pretrained(tmp_path / "pipe")
+    train_lora(str(tmp_path / "pipe"), qwen_dataset(), output_dir=str(tmp_path / "out"), steps=1, log_every=1,
+               sample_prompts=["a cat", "a dog --n ugly"], sample_steps=2, sample_size="32x32", training_dtype="fp32")
+    for step in ("step-00000000", "step-00000001"):
+        for k in (0, 1):
+            image = np.asarray(Image.open(tmp_path / "out" / "samples" / step / f"{k}.png"))
+            assert image.shape == (32, 32, 3) and image.std() > 1
