@@ -402,3 +402,15 @@ def test_samples_with_its_own_pipeline(tmp_path):
         for k in (0, 1):
             image = np.asarray(Image.open(tmp_path / "out" / "samples" / step / f"{k}.png"))
             assert image.shape == (32, 32, 3) and image.std() > 1
+
+
+def test_node_targets_write_offsets_under_comfyuis_names_and_read_back(tmp_path):
+    """--target_modules node: the full offsets (biases, norms) go under diffusion_model.<module>.diff/diff_b,
+    next to the LoRA tensors, and --existing_lora reads them back."""
+    res = train_lora(tiny_qwen(), qwen_dataset(), target_modules="node", output_dir=str(tmp_path), **FAST)
+    keys = list(res.lora)
+    assert all(k.startswith("diffusion_model.") for k in keys)
+    offsets = {k.rsplit(".", 1)[0] for k in keys if k.endswith((".diff", ".diff_b"))}
+    assert offsets
+    existing = read_existing_adapter(res.lora_path, tiny_qwen(), get_family("qwenimage"))
+    assert {f"diffusion_model.{m}" for m in existing.deltas} == offsets

@@ -23,7 +23,9 @@ takes ``diffusion_model.<module>`` (reading ``<key>.alpha``); diffusers'
 ``transformer.`` prefix the same file would not load in diffusers: its Qwen converter runs for any
 file holding ``.alpha`` tensors and prefixes the keys with ``transformer.`` once more. Other algorithms
 keep LyCORIS tensors under kohya names, ``lora_unet_<module with _>``, which ComfyUI maps for every
-model from its ``diffusion_model.`` weights.
+model from its ``diffusion_model.`` weights. Full offsets (``--target_modules node``) go under
+``diffusion_model.<module>.diff`` / ``diff_b``, which ComfyUI applies; diffusers' Qwen loader refuses a
+file holding them (it reads LoRA tensors only).
 """
 
 from __future__ import annotations
@@ -195,8 +197,10 @@ class QwenImage(ModelFamily):
                 if isinstance(getattr(module, "weight", None), torch.Tensor)}
 
     def file_tensors(self, module, tensors):
+        key = f"diffusion_model.{module}"
         if "lora_down.weight" in tensors:
-            key = f"diffusion_model.{module}"
             return {f"{key}.lora_A.weight": tensors["lora_down.weight"],
                     f"{key}.lora_B.weight": tensors["lora_up.weight"], f"{key}.alpha": tensors["alpha"]}
+        if set(tensors) <= {"diff", "diff_b"}:  # full offsets (--target_modules node): ComfyUI reads them here too
+            return {f"{key}.{suffix}": tensor for suffix, tensor in tensors.items()}
         return super().file_tensors(module, tensors)
