@@ -351,7 +351,7 @@ def test_prepare_with_the_familys_vae_and_text_encoder_then_train(tmp_path):
     image = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 127.5 - 1
     with torch.no_grad():
         z = pipe.vae.encode(image[:, :, None]).latent_dist.mean[:, :, 0]
-        embeds, mask = pipe.encode_prompt(["a red square"], device="cpu")
+        embeds, _ = pipe.encode_prompt(["a red square"], device="cpu")
     expected = (z[0] - torch.tensor(MEAN).view(-1, 1, 1)) / torch.tensor(STD).view(-1, 1, 1)
     torch.testing.assert_close(torch.from_numpy(row["latents"]), expected, atol=1e-5, rtol=1e-5)
     length = embeds.shape[1]

@@ -16,6 +16,10 @@ caption, so the transformer sees what the pipeline gives it (the mask keeps padd
 Noise levels: the scheduler's dynamic shift (``use_dynamic_shifting``), ``mu`` linear in the image's
 token count between (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``, ``max_shift``).
 
+Single files: ComfyUI's ``qwen_image_*.safetensors`` hold the transformer under diffusers' names (bare,
+or under ``model.diffusion_model.``), which diffusers' ``from_single_file`` takes as they are; the
+built-in config (``configs/qwen_image``) gets its depth and widths from the file's shapes.
+
 File layout: LoRA tensors under ``diffusion_model.<module>.lora_A.weight`` / ``lora_B.weight`` with an
 ``alpha`` tensor per module. ComfyUI's Qwen-Image model has diffusers' module names and its key map
 takes ``diffusion_model.<module>`` (reading ``<key>.alpha``); diffusers'
