@@ -38,14 +38,17 @@ def latents_dataset(latent: dict, family_name: str):
     import datasets
 
     from .models import get_family
+    from .models.base import scale_latents
 
     samples = latent["samples"]
+    if samples.ndim == 5 and samples.shape[2] == 1:  # a video VAE's latents (Qwen-Image): one frame
+        samples = samples[:, :, 0]
     if samples.ndim != 4:
         raise TrainerError(f"--latents: LATENT samples must be [N, C, H, W], got shape {tuple(samples.shape)}")
     scale, shift = get_family(family_name).encoding.latent_scale
     samples = samples.detach().float().cpu()
     if torch.count_nonzero(samples) > 0:  # ComfyUI does not shift an empty latent
-        samples = (samples - shift) * scale
+        samples = scale_latents(samples, scale, shift)
     return datasets.Dataset.from_dict({"latents": samples.numpy()}).with_format("numpy")
 
 

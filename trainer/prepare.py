@@ -364,14 +364,24 @@ class ModelInfo:
         return self.vae_factor * self.encoding.denoiser_factor(self.denoiser_config)
 
     @property
-    def latent_scale(self) -> tuple[float, float]:
+    def latent_scale(self) -> tuple:
+        """(scale, shift): numbers, or per-channel lists (see ``trainer.models.base.scale_latents``)."""
         if self.vae is None:
             return self.encoding.latent_scale
+        if self.encoding.vae_normalisation is not None:
+            return self.encoding.vae_normalisation(self.vae)
         return self.vae.get("scaling_factor", 1.0), self.vae.get("shift_factor") or 0.0
+
+    @property
+    def latent_channels(self) -> int | None:
+        """Channels of the VAE's latents (video VAEs call them ``z_dim``), or None without a VAE config."""
+        if self.vae is None:
+            return None
+        return self.vae.get("latent_channels") or self.vae.get("z_dim")
 
     def latent_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why a .latent of this shape does not fit the model, or None."""
-        channels = self.vae.get("latent_channels") if self.vae else None
+        channels = self.latent_channels
         if channels is not None and shape[1] != channels:
             return f"latent_tensor has {shape[1]} channels but the model's VAE makes {channels}"
         factor = self.multiple // self.vae_factor
@@ -491,6 +501,7 @@ def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
     import torch
 
     from .data import mix_seed
+    from .models.base import scale_latents
 
     pixels, done, failed = [], [], []
     for src in sources:
@@ -502,15 +513,17 @@ def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
     if not done:
         return failed
     vae = pipe.vae
-    dist = vae.encode(torch.stack(pixels).to(vae.device, vae.dtype)).latent_dist
+    pixels = torch.stack(pixels).to(vae.device, vae.dtype)
+    encode = model.encoding.encode_pixels
+    dist = encode(vae, pixels) if encode is not None else vae.encode(pixels).latent_dist
     latents = dist.mean
     if cfg.sample_latents:
         # each image's noise comes from its own key, so the sample does not depend on the batch or process
         noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
             mix_seed(cfg.seed, int(src.key[:16], 16)))) for src in done])
         latents = latents + dist.std * noise.to(latents.device, latents.dtype)
-    scale, shift = model.latent_scale
-    latents = (latents - shift) * scale  # diffusers' convention: the denoiser sees (z - shift) * scale
+    # diffusers' convention: the denoiser sees (z - shift) * scale
+    latents = scale_latents(latents, *model.latent_scale)
     for src, tensor in zip(done, latents):
         cache.write(cache.latents(src.key), {"latents": tensor})
     return failed
@@ -623,7 +636,7 @@ def write_dataset(cfg: PrepareConfig, model: ModelInfo, work: Plan, cache: Cache
     shapes: Counter = Counter()
     for src in sources:
         if src.kind == "image":
-            channels = model.vae.get("latent_channels", 4)
+            channels = model.latent_channels or 4
             shape = (channels, src.bucket[1] // model.vae_factor, src.bucket[0] // model.vae_factor)
             shapes[shape] += src.repeats
         else:
@@ -702,12 +715,13 @@ def _comfy_latents(path: Path, scale: tuple[float, float]):
     hold SD 1.x-scaled latents, which ComfyUI's LoadLatent divides by 0.18215."""
     from safetensors.torch import load_file
 
+    from .models.base import scale_latents
+
     tensors = load_file(str(path))
     raw = tensors["latent_tensor"].float()
     if "latent_format_version_0" not in tensors:
         raw = raw / 0.18215
-    scaling, shift = scale
-    yield from (raw - shift) * scaling
+    yield from scale_latents(raw, *scale)
 
 
 def _replace(new: Path, target: Path) -> None:

@@ -84,6 +84,8 @@ def vae_scale_factor(vae_config: dict | None) -> int:
     downsampler between each pair of blocks); 8 without a VAE config."""
     if vae_config is None:
         return 8
+    if "temperal_downsample" in vae_config:  # video VAEs (Qwen-Image, Wan): one spatial halving per entry
+        return 2 ** len(vae_config["temperal_downsample"])
     return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
 
 
@@ -100,8 +102,26 @@ class FamilyEncoding:
     #: (pipeline, captions, device) -> conditioning columns ``{name: tensor [B, ...]}``, through the
     #: family's diffusers pipeline's ``encode_prompt`` (the pipeline holds the text encoders)
     encode_text: Callable[[Any, list[str], torch.device], dict[str, torch.Tensor]]
-    #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE
-    latent_scale: tuple[float, float]
+    #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE;
+    #: each a number or one number per latent channel (see :func:`scale_latents`)
+    latent_scale: tuple[Any, Any]
+    #: (VAE config) -> ``(scale, shift)`` for VAEs that do not use ``scaling_factor`` / ``shift_factor``
+    #: (per-channel statistics: Qwen-Image); None reads those two fields
+    vae_normalisation: Callable[[dict], tuple[Any, Any]] | None = None
+    #: (VAE, pixels [B, 3, H, W]) -> the VAE's latent distribution over [B, C, h, w], for VAEs whose
+    #: ``encode`` takes another shape (video VAEs: a frame axis); None calls ``vae.encode(pixels)``
+    encode_pixels: Callable[[Any, torch.Tensor], Any] | None = None
+
+
+def scale_latents(latents: torch.Tensor, scale: Any, shift: Any) -> torch.Tensor:
+    """``(latents - shift) * scale`` over [..., C, H, W]: what the denoiser sees from raw VAE latents.
+    ``scale`` and ``shift`` are numbers or per-channel sequences (applied along dimension -3)."""
+    def per_channel(value):
+        if isinstance(value, (int, float)):
+            return value
+        return torch.as_tensor(value, dtype=latents.dtype, device=latents.device).view(-1, 1, 1)
+
+    return (latents - per_channel(shift)) * per_channel(scale)
 
 
 class ModelFamily(ABC):
