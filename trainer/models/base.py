@@ -102,6 +102,10 @@ class FamilyEncoding:
     encode_text: Callable[[Any, list[str], torch.device], dict[str, torch.Tensor]]
     #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE
     latent_scale: tuple[float, float]
+    #: (vae, raw VAE latents [B, C, H, W]) -> the latents the denoiser trains on, for a VAE whose
+    #: normalisation lives in its weights rather than in ``scaling_factor``/``shift_factor`` (Flux.2's
+    #: batch-norm statistics); None: ``(z - shift_factor) * scaling_factor`` from the VAE's config
+    normalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
 
 
 class ModelFamily(ABC):
