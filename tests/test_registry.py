@@ -61,7 +61,7 @@ def run_python(code: str) -> dict:
 
 def test_every_package_is_a_family_under_its_own_name():
     names = trainer.models.family_names()
-    assert names == ("flux", "sd", "sd3", "sdxl")
+    assert names == ("flux", "flux2", "sd", "sd3", "sdxl")
     assert tuple(trainer.models.FAMILIES) == names
     for name, family in trainer.models.FAMILIES.items():
         assert family.name == name
