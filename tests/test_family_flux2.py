@@ -331,3 +331,22 @@ def test_prepare_encodes_with_the_pipelines_vae_and_mistral_then_trains(tmp_path
     torch.testing.assert_close(torch.from_numpy(row["prompt_embeds"]), embeds[0], atol=1e-5, rtol=1e-5)
     res = train_lora(str(tmp_path / "model"), str(tmp_path / "data"), batch_size=1, **FAST)
     assert all(np.isfinite(res.loss["loss"]))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_samples_through_flux2pipeline_and_a_negative_prompt_is_refused(tmp_path):
+    """Flux2Pipeline takes no negative embeddings (guidance-distilled, no true CFG): samples are made
+    without them, and a prompt's own negative text is refused rather than dropped."""
+    from PIL import Image
+
+    tiny_pipeline(text=True).save_pretrained(tmp_path / "model")
+    res = train_lora(str(tmp_path / "model"), family_dataset(), sample_prompts=["a cat --g 3.5", "a dog"],
+                     sample_steps=2, sample_size="32", output_dir=str(tmp_path / "out"), **FAST)
+    assert res.steps == 2
+    for step in ("step-00000000", "step-00000002"):
+        assert Image.open(tmp_path / "out" / "samples" / step / "0.png").size == (32, 32)
+    with pytest.raises(TrainerError, match=r"prompt 0 \('a cat'\) has a negative prompt \(--n\) but Flux2Pipeline"):
+        train_lora(str(tmp_path / "model"), family_dataset(), sample_prompts=["a cat --n blurry"], sample_steps=2,
+                   sample_size="32", output_dir=str(tmp_path / "out2"), **FAST)
