@@ -287,6 +287,53 @@ def test_detection_from_pipeline_and_bare_folders(tmp_path):
     assert not get_family("flux2").matches({"_class_name": "FluxTransformer2DModel", "guidance_embeds": True})
 
 
+def bfl_state_dict(model):
+    """The tiny model's tensors under FLUX.2's original (BFL) names, written from the architecture: fused
+    q/k/v, RMSNorm "scale", the final modulation stored (shift, scale) where diffusers holds (scale, shift)."""
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    out = {"img_in.weight": sd.pop("x_embedder.weight"), "txt_in.weight": sd.pop("context_embedder.weight"),
+           "final_layer.linear.weight": sd.pop("proj_out.weight")}
+    scale, shift = sd.pop("norm_out.linear.weight").chunk(2)
+    out["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+    for ours, theirs in (("timestep_embedder", "time_in"), ("guidance_embedder", "guidance_in")):
+        for i, layer in (("1", "in_layer"), ("2", "out_layer")):
+            out[f"{theirs}.{layer}.weight"] = sd.pop(f"time_guidance_embed.{ours}.linear_{i}.weight")
+    for name in ("double_stream_modulation_img", "double_stream_modulation_txt", "single_stream_modulation"):
+        out[f"{name}.lin.weight"] = sd.pop(f"{name}.linear.weight")
+    for i in range(len(model.transformer_blocks)):
+        b = f"transformer_blocks.{i}."
+        for side, q, k, v in (("img", "to_q", "to_k", "to_v"), ("txt", "add_q_proj", "add_k_proj", "add_v_proj")):
+            out[f"double_blocks.{i}.{side}_attn.qkv.weight"] = torch.cat([sd.pop(f"{b}attn.{p}.weight") for p in (q, k, v)])
+        for ours, theirs in (("attn.norm_q", "img_attn.norm.query_norm.scale"), ("attn.norm_k", "img_attn.norm.key_norm.scale"),
+                             ("attn.norm_added_q", "txt_attn.norm.query_norm.scale"),
+                             ("attn.norm_added_k", "txt_attn.norm.key_norm.scale"), ("attn.to_out.0", "img_attn.proj.weight"),
+                             ("attn.to_add_out", "txt_attn.proj.weight"), ("ff.linear_in", "img_mlp.0.weight"),
+                             ("ff.linear_out", "img_mlp.2.weight"), ("ff_context.linear_in", "txt_mlp.0.weight"),
+                             ("ff_context.linear_out", "txt_mlp.2.weight")):
+            out[f"double_blocks.{i}.{theirs}"] = sd.pop(f"{b}{ours}.weight")
+    for i in range(len(model.single_transformer_blocks)):
+        b = f"single_transformer_blocks.{i}."
+        for ours, theirs in (("attn.to_qkv_mlp_proj", "linear1.weight"), ("attn.to_out", "linear2.weight"),
+                             ("attn.norm_q", "norm.query_norm.scale"), ("attn.norm_k", "norm.key_norm.scale")):
+            out[f"single_blocks.{i}.{theirs}"] = sd.pop(f"{b}{ours}.weight")
+    assert not sd, sorted(sd)  # every tensor renamed
+    return out
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_single_file_checkpoint_is_detected_and_loads(tmp_path, prefix):
+    from safetensors.torch import save_file
+
+    model = tiny_flux2()
+    save_file({prefix + k: v.contiguous() for k, v in bfl_state_dict(model).items()}, str(tmp_path / "f2.safetensors"))
+    loaded = load_model(str(tmp_path / "f2.safetensors"))
+    assert loaded.family.name == "flux2" and loaded.kind == "single_file"
+    assert loaded.scheduler_config["use_dynamic_shifting"] is True
+    assert {k: loaded.denoiser.config[k] for k in ("num_layers", "num_single_layers", "mlp_ratio", "axes_dims_rope")} \
+        == {"num_layers": 1, "num_single_layers": 1, "mlp_ratio": 2.0, "axes_dims_rope": (4, 4, 4, 4)}
+    torch.testing.assert_close(denoiser_output(loaded.denoiser), denoiser_output(model), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dataset, message", [
     (lambda: family_dataset(size=15), "2x2 patches"),
     (lambda: family_dataset(dim=32), "prompt_embeds have 32 features but the model's joint_attention_dim is 48"),

@@ -84,7 +84,9 @@ class Flux(ModelFamily):
         return config.get("_class_name") == "FluxTransformer2DModel"
 
     def matches_checkpoint(self, state_dict):
-        return has_checkpoint_key(state_dict, "double_blocks.0.img_attn.norm.key_norm.scale")
+        # FLUX.2 checkpoints share the block names; their shared modulations tell them apart
+        return (has_checkpoint_key(state_dict, "double_blocks.0.img_attn.norm.key_norm.scale")
+                and not has_checkpoint_key(state_dict, "single_stream_modulation.lin.weight"))
 
     def single_file_config(self, state_dict):
         # FLUX.1 dev is guidance-distilled (it has the guidance embedder); schnell is not

@@ -24,18 +24,20 @@ folded into ``lora_B`` (the file's alpha is its rank). Other algorithms keep LyC
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import Flux2Transformer2DModel
 
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
-from ..base import FamilyEncoding, ModelFamily, register_family
+from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
 from ..mmdit import peft_file_tensors
 
+#: FLUX.2 dev's diffusers configs (transformer and scheduler), for single-file checkpoints
+CONFIGS = Path(__file__).parent / "configs"
 #: FlowMatchEulerDiscreteScheduler config of FLUX.2 dev, for a model without a scheduler/ folder
-DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
-                     "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-                     "base_image_seq_len": 256, "max_image_seq_len": 4096}
+DEFAULT_SCHEDULER = read_json(CONFIGS / "flux2_dev" / "scheduler" / "scheduler_config.json")
 
 
 def patchify(latents: torch.Tensor) -> torch.Tensor:
@@ -125,6 +127,35 @@ class Flux2(ModelFamily):
 
     def matches(self, config):
         return config.get("_class_name") == "Flux2Transformer2DModel"
+
+    def matches_checkpoint(self, state_dict):
+        # the key diffusers' own single-file detection uses for Flux.2 (Flux.1 has per-block modulations)
+        return has_checkpoint_key(state_dict, "single_stream_modulation.lin.weight")
+
+    def single_file_config(self, state_dict):
+        return CONFIGS / "flux2_dev", dict(DEFAULT_SCHEDULER)
+
+    def single_file_overrides(self, state_dict):
+        sd = denoiser_keys(state_dict)
+        hidden, in_channels = sd["img_in.weight"].shape
+        head_dim = sd["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+        return dict(
+            in_channels=in_channels,
+            out_channels=sd["final_layer.linear.weight"].shape[0],
+            num_layers=len({key.split(".")[1] for key in sd if key.startswith("double_blocks.")}),
+            num_single_layers=len({key.split(".")[1] for key in sd if key.startswith("single_blocks.")}),
+            attention_head_dim=head_dim,
+            num_attention_heads=hidden // head_dim,
+            joint_attention_dim=sd["txt_in.weight"].shape[1],
+            timestep_guidance_channels=sd["time_in.in_layer.weight"].shape[1],
+            # the double blocks' MLP input is SwiGLU: gate and value, each mlp_ratio * hidden wide
+            mlp_ratio=sd["double_blocks.0.img_mlp.0.weight"].shape[0] / (2 * hidden),
+            guidance_embeds="guidance_in.in_layer.weight" in sd,
+            axes_dims_rope=(head_dim // 4,) * 4,  # FLUX.2: four equal rotary axes (t, h, w, l)
+        )
+
+    def single_file_state_dict(self, tensors):
+        return tensors  # diffusers' Flux.2 converter reads the bare BFL names (and splits the fused qkv)
 
     def latent_channels(self, model):
         return model.config.in_channels // 4  # the transformer sees 2x2 patches
