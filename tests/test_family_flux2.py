@@ -361,9 +361,15 @@ def test_prepare_encodes_with_the_pipelines_vae_and_mistral_then_trains(tmp_path
     (root / "a.txt").write_text("a red square")
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (30, 48, 3), dtype=np.uint8)).save(root / "b.png")
     (root / "b.txt").write_text("a wide view")
+    from safetensors.torch import save_file
+
+    # raw VAE latents from ComfyUI cannot be normalised without the VAE's batch-norm statistics
+    save_file({"latent_tensor": torch.zeros(1, CHANNELS, 4, 4)}, str(root / "c.latent"))
     result = prepare(PrepareConfig(images=str(root), model=str(tmp_path / "model"), output=str(tmp_path / "data"),
                                    resolution=32, bucket_step=8, batch_size=2))
     assert result.shapes == {(CHANNELS, 16, 16): 1, (CHANNELS, 12, 20): 1}
+    assert [(s.name, s.reason) for s in result.skipped] == [
+        ("c.latent", "flux2's latent normalisation is in its VAE's weights; import images, not .latent files")]
     ds = datasets.load_from_disk(str(tmp_path / "data")).with_format("numpy")
     row = ds[list(ds[:]["file_name"]).index("a.png")]
     image = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
