@@ -381,6 +381,9 @@ class ModelInfo:
 
     def latent_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why a .latent of this shape does not fit the model, or None."""
+        if self.encoding.normalize_latents is not None:
+            return (f"{self.family}'s latent normalisation is in its VAE's weights; import images, not "
+                    ".latent files")
         channels = self.latent_channels
         if channels is not None and shape[1] != channels:
             return f"latent_tensor has {shape[1]} channels but the model's VAE makes {channels}"
@@ -522,8 +525,10 @@ def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
         noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(
             mix_seed(cfg.seed, int(src.key[:16], 16)))) for src in done])
         latents = latents + dist.std * noise.to(latents.device, latents.dtype)
-    # diffusers' convention: the denoiser sees (z - shift) * scale
-    latents = scale_latents(latents, *model.latent_scale)
+    if model.encoding.normalize_latents is not None:
+        latents = model.encoding.normalize_latents(vae, latents)
+    else:  # diffusers' convention: the denoiser sees (z - shift) * scale
+        latents = scale_latents(latents, *model.latent_scale)
     for src, tensor in zip(done, latents):
         cache.write(cache.latents(src.key), {"latents": tensor})
     return failed

@@ -297,6 +297,7 @@ def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size
     embeds = encode_prompts(source, loaded.family.name, prompts, dtype, accelerator.device)
     pipe = _sampling_pipeline(source, loaded)
     pipe.set_progress_bar_config(disable=True)
+    embeds = _accepted_embeddings(pipe, prompts, embeds)
     logger.info("sampling %d prompt(s) at %dx%d, %d steps: encoded in %.1f s", len(prompts), size[0], size[1],
                 cfg.sample_steps, time.perf_counter() - started)
     return PromptSampler(pipe, prompts, embeds, size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
@@ -315,6 +316,20 @@ def _check_components(root: Path) -> None:
 
 
 #: pipeline components the text encoding needs (prepare's list without the VAE)
+def _accepted_embeddings(pipe, prompts: list[SamplePrompt], embeds: list[dict]) -> list[dict]:
+    """The embeddings without the negative ones when the pipeline's call takes none (Flux.2: guidance-distilled,
+    no true CFG); a prompt's own negative text is then a :class:`TrainerError`, not silently dropped."""
+    import inspect
+
+    if "negative_prompt_embeds" in inspect.signature(pipe.__call__).parameters:
+        return embeds
+    for k, p in enumerate(prompts):
+        if p.negative:
+            raise TrainerError(f"--sample_prompts: prompt {k} ({p.prompt[:40]!r}) has a negative prompt (--n) but "
+                               f"{type(pipe).__name__} takes none")
+    return [{name: value for name, value in e.items() if not name.startswith("negative_")} for e in embeds]
+
+
 def _encoder_components() -> tuple[str, ...]:
     from .prepare import ENCODER_COMPONENTS
 

@@ -112,6 +112,11 @@ class FamilyEncoding:
     #: ``encode`` takes another shape (video VAEs: a frame axis); None calls ``vae.encode(pixels)``
     encode_pixels: Callable[[Any, torch.Tensor], Any] | None = None
 
+    #: (vae, raw VAE latents [B, C, H, W]) -> the latents the denoiser trains on, for a VAE whose
+    #: normalisation lives in its weights rather than in its config (Flux.2's batch-norm statistics);
+    #: None: :func:`scale_latents` with ``vae_normalisation`` or ``scaling_factor``/``shift_factor``
+    normalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+
 
 def scale_latents(latents: torch.Tensor, scale: Any, shift: Any) -> torch.Tensor:
     """``(latents - shift) * scale`` over [..., C, H, W]: what the denoiser sees from raw VAE latents.

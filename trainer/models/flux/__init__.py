@@ -84,9 +84,11 @@ class Flux(ModelFamily):
         return config.get("_class_name") == "FluxTransformer2DModel"
 
     def matches_checkpoint(self, state_dict):
-        # Chroma files share these names; its approximator tells them apart (as ComfyUI's detection does)
+        # Chroma and FLUX.2 files share these names; Chroma's approximator and FLUX.2's shared modulations
+        # tell them apart (as ComfyUI's detection does)
         return (has_checkpoint_key(state_dict, "double_blocks.0.img_attn.norm.key_norm.scale")
-                and not has_checkpoint_key(state_dict, "distilled_guidance_layer.in_proj.weight"))
+                and not has_checkpoint_key(state_dict, "distilled_guidance_layer.in_proj.weight")
+                and not has_checkpoint_key(state_dict, "single_stream_modulation.lin.weight"))
 
     def single_file_config(self, state_dict):
         # FLUX.1 dev is guidance-distilled (it has the guidance embedder); schnell is not
