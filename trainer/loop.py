@@ -317,7 +317,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
         held_out = HeldOutLoss(eval_data, list(range(eval_data.num_rows)))
     elif cfg.eval_fraction:
         held_out = HeldOutLoss(data, hold_out(data, cfg.eval_fraction, cfg.seed))
-    targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser)
+    targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser,
+                                             family.all_targets_leave_out)
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing, progress = cfg.algorithm, None, Progress()
     if cfg.existing_lora is not None:
