@@ -119,3 +119,20 @@ def test_bad_video_rows_name_the_row_and_shape(latents, message):
     ds = Dataset.from_dict({"latents": rows, "prompt_embeds": [np.zeros((TOKENS, TEXT_DIM), np.float32)] * len(rows)})
     with pytest.raises(TrainerError, match=message):
         TrainingData(ds, None, get_family("wan"), tiny_wan())
+
+
+def test_streaming_reads_video_and_image_rows(tmp_path):
+    """--streaming: 5-D rows in buckets of one (T, H, W) per batch, and image rows as 1-frame clips."""
+    from trainer.streaming import StreamData, StreamingBatches
+
+    for name, images in (("clips", False), ("images", True)):
+        video_dataset(rows_as_images=images).to_parquet(str(tmp_path / f"{name}.parquet"))
+        data = StreamData(str(tmp_path / f"{name}.parquet"), None, get_family("wan"), tiny_wan())
+        shapes = set()
+        for batch in StreamingBatches(data, 2, 0, 1, 1, seed=0, buffer=12, start_step=0, end_step=4):
+            assert batch["latents"].ndim == 5 and batch["noise"].shape == batch["latents"].shape
+            shapes.add(tuple(batch["latents"].shape[2:]))
+        assert shapes <= {(1, 8, 8), (1, 8, 4)} if images else len(shapes) > 1
+    res = train_lora(tiny_wan(), str(tmp_path / "clips.parquet"), streaming=True, shuffle_buffer=12, batch_size=2,
+                     **FAST)
+    assert res.steps == 2
