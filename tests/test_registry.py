@@ -61,12 +61,12 @@ def run_python(code: str) -> dict:
 
 def test_every_package_is_a_family_under_its_own_name():
     names = trainer.models.family_names()
-    assert names == ("flux", "sd", "sd3", "sdxl", "wan")
+    assert names == ("flux", "hunyuan_video", "sd", "sd3", "sdxl", "wan")
     assert tuple(trainer.models.FAMILIES) == names
     for name, family in trainer.models.FAMILIES.items():
         assert family.name == name
         assert type(family).__module__ == f"trainer.models.{name}"
-        assert family.encoding.resolution in (480, 512, 1024)
+        assert family.encoding.resolution in (480, 512, 544, 1024)
 
 
 def test_model_family_choices_come_from_the_registry():
