@@ -136,3 +136,27 @@ def test_streaming_reads_video_and_image_rows(tmp_path):
     res = train_lora(tiny_wan(), str(tmp_path / "clips.parquet"), streaming=True, shuffle_buffer=12, batch_size=2,
                      **FAST)
     assert res.steps == 2
+
+
+@pytest.mark.slow  # two launched processes: about a minute on 2 loaded CPU cores
+def test_two_processes_equal_one_process_with_video_latents(tmp_path):
+    """accelerate launch, 2 CPU processes x batch 2 on mixed image/video buckets = 1 process x batch 4."""
+    import subprocess
+
+    from safetensors.torch import load_file
+    from test_distributed import ENV, RUN, cpu_processes, launch_command
+    from test_family_wan import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "wan")
+    shapes = {(1, 8, 8): 6, (3, 8, 8): 4}
+    video_dataset(shapes).save_to_disk(str(tmp_path / "latents"))
+    reference = train_lora(str(tmp_path / "wan"), str(tmp_path / "latents"), output_dir=str(tmp_path / "one"),
+                           batch_size=4, rank=4, **RUN)
+    proc = subprocess.run(launch_command(cpu_processes(2), tmp_path / "two", tmp_path / "latents", batch_size=2,
+                                         model=tmp_path / "wan", rank=4),
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = load_file(str(reference.lora_path)), load_file(str(tmp_path / "two" / "lora.safetensors"))
+    assert set(one) == set(two)
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, atol=1e-6, rtol=1e-4)
