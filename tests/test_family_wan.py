@@ -194,3 +194,8 @@ def test_detection_flow_shift_and_expert_ranges(tmp_path):
 def test_image_to_video_models_are_refused():
     with pytest.raises(TrainerError, match="image-to-video"):
         train_lora(tiny_wan(image_dim=16, added_kv_proj_dim=16), wan_dataset(), **FAST)
+
+
+def test_sampling_while_training_is_refused_up_front():
+    with pytest.raises(TrainerError, match="wan is a video model; sampling videos while training"):
+        train_lora(tiny_wan(), wan_dataset(), sample_prompts=["a cat"], **FAST)
