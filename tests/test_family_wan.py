@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from conftest import FAST
@@ -199,3 +201,25 @@ def test_image_to_video_models_are_refused():
 def test_sampling_while_training_is_refused_up_front():
     with pytest.raises(TrainerError, match="wan is a video model; sampling videos while training"):
         train_lora(tiny_wan(), wan_dataset(), sample_prompts=["a cat"], **FAST)
+
+
+def test_comfyui_video_latent_is_normalised_per_channel():
+    """A ComfyUI LATENT [N, C, T, H, W] of raw Wan VAE latents becomes (z - latents_mean) / latents_std, as
+    ComfyUI's Wan21 latent format and WanPipeline compute it."""
+    import inspect
+
+    from diffusers import AutoencoderKLWan
+
+    from trainer.comfy_inputs import latents_dataset
+
+    params = inspect.signature(AutoencoderKLWan.__init__).parameters
+    mean = torch.tensor(params["latents_mean"].default).view(1, -1, 1, 1, 1)
+    std = torch.tensor(params["latents_std"].default).view(1, -1, 1, 1, 1)
+    raw = torch.randn(2, 16, FRAMES, SIZE, SIZE) * 2 + 1
+    got = torch.as_tensor(np.asarray(latents_dataset({"samples": raw}, "wan")["latents"]))
+    torch.testing.assert_close(got, (raw - mean) / std, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TrainerError, match=r"LATENT samples must be \[N, C, T, H, W\] for wan"):
+        latents_dataset({"samples": torch.randn(2, 16, SIZE, SIZE)}, "wan")
+    res = train_lora(tiny_wan(in_channels=16, out_channels=16), {"samples": raw},
+                     [[torch.randn(1, TOKENS, TEXT_DIM), {}]], batch_size=2, **FAST)
+    assert res.steps == 2

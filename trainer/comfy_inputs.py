@@ -40,10 +40,19 @@ def latents_dataset(latent: dict, family_name: str):
     from .models import get_family
 
     samples = latent["samples"]
-    if samples.ndim != 4:
-        raise TrainerError(f"--latents: LATENT samples must be [N, C, H, W], got shape {tuple(samples.shape)}")
-    scale, shift = get_family(family_name).encoding.latent_scale
+    family = get_family(family_name)
+    if samples.ndim != family.latent_ndim + 1:
+        layout = "[N, C, T, H, W]" if family.latent_ndim == 4 else "[N, C, H, W]"
+        raise TrainerError(f"--latents: LATENT samples must be {layout} for {family.name}, got shape "
+                           f"{tuple(samples.shape)}")
+    scale, shift = family.encoding.latent_scale
     samples = samples.detach().float().cpu()
+    if not isinstance(scale, (int, float)):  # per-channel constants (Wan's latents_mean / latents_std)
+        if len(scale) != samples.shape[1]:
+            raise TrainerError(f"--latents: LATENT samples have {samples.shape[1]} channels; {family.name}'s "
+                               f"latent normalisation is known for {len(scale)} channels")
+        per_channel = (-1, *[1] * (samples.ndim - 2))
+        scale, shift = torch.tensor(scale).view(per_channel), torch.tensor(shift).view(per_channel)
     if torch.count_nonzero(samples) > 0:  # ComfyUI does not shift an empty latent
         samples = (samples - shift) * scale
     return datasets.Dataset.from_dict({"latents": samples.numpy()}).with_format("numpy")

@@ -100,8 +100,9 @@ class FamilyEncoding:
     #: (pipeline, captions, device) -> conditioning columns ``{name: tensor [B, ...]}``, through the
     #: family's diffusers pipeline's ``encode_prompt`` (the pipeline holds the text encoders)
     encode_text: Callable[[Any, list[str], torch.device], dict[str, torch.Tensor]]
-    #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE
-    latent_scale: tuple[float, float]
+    #: the family's VAE ``(scaling_factor, shift_factor)``, for ``.latent`` imports when the model has no VAE;
+    #: sequences of one number per channel where the VAE normalises per channel (Wan: 1 / std, mean)
+    latent_scale: tuple[float | tuple[float, ...], float | tuple[float, ...]]
 
 
 class ModelFamily(ABC):

@@ -46,6 +46,12 @@ logger = logging.getLogger(__name__)
 
 #: Wan's own scheduler default (480p models; 720p uses 5.0), for a model without a scheduler/ folder
 DEFAULT_SHIFT = 3.0
+#: ``AutoencoderKLWan``'s (Wan 2.1 VAE's) per-channel latent statistics, as diffusers' and ComfyUI's Wan 2.1
+#: latent formats hold them: the denoiser sees ``(z - mean) / std``
+VAE_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+            -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+VAE_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+           1.6382, 1.1253, 2.8251, 1.916)
 #: WanPipeline's default prompt length
 MAX_SEQUENCE_LENGTH = 512
 
@@ -150,9 +156,9 @@ class Wan(ModelFamily):
     all_targets_leave_out = ("patch_embedding",)
     conditioning = {"prompt_embeds": 2}
     latent_ndim = 4
-    # Wan 2.1's VAE normalises per channel (latents_mean / latents_std), not by one scale: latent_scale
-    # is the identity and ComfyUI LATENT imports of Wan video are not read (trainer/comfy_inputs.py)
-    encoding = FamilyEncoding(480, lambda config: config["patch_size"][-1], encode_text, latent_scale=(1.0, 0.0))
+    # the Wan 2.1 VAE's per-channel normalisation (also Wan 2.2 A14B's VAE): ComfyUI LATENTs hold raw latents
+    encoding = FamilyEncoding(480, lambda config: config["patch_size"][-1], encode_text,
+                              latent_scale=(tuple(1 / s for s in VAE_STD), VAE_MEAN))
 
     def matches(self, config):
         return config.get("_class_name") == "WanTransformer3DModel"
