@@ -104,8 +104,8 @@ def test_image_families_keep_reading_three_dim_rows_only():
 
 
 @pytest.mark.parametrize("latents, message", [
-    (lambda: [np.zeros((4, 8), np.float32)] * 2, r"latents must be \[C, T, H, W\] per row for wan, got shape "
-                                                 r"\(4, 8\) in row 0"),
+    (lambda: [np.zeros((4, 8), np.float32)] * 2, (r"latents must be \[C, T, H, W\] per row for wan, got shape "
+                                                 r"\(4, 8\) in row 0")),
     (lambda: [np.zeros((4, 3, 8, 8), np.float32), np.zeros((6, 3, 8, 8), np.float32)],
      r"row 1 has 6 latent channels but row 0 has 4"),
     (lambda: [np.zeros((4, 3, 8, 8), np.float32), np.full((4, 1, 8, 8), np.nan, np.float32)],
