@@ -41,12 +41,19 @@ def latents_dataset(latent: dict, family_name: str):
     from .models.base import scale_latents
 
     samples = latent["samples"]
-    if samples.ndim == 5 and samples.shape[2] == 1:  # a video VAE's latents (Qwen-Image): one frame
-        samples = samples[:, :, 0]
-    if samples.ndim != 4:
-        raise TrainerError(f"--latents: LATENT samples must be [N, C, H, W], got shape {tuple(samples.shape)}")
-    scale, shift = get_family(family_name).encoding.latent_scale
+    family = get_family(family_name)
+    if family.latent_ndim == 3 and samples.ndim == 5 and samples.shape[2] == 1:
+        samples = samples[:, :, 0]  # an image model with a video VAE's latents (Qwen-Image): one frame
+    if samples.ndim != family.latent_ndim + 1:
+        layout = "[N, C, T, H, W]" if family.latent_ndim == 4 else "[N, C, H, W]"
+        raise TrainerError(f"--latents: LATENT samples must be {layout} for {family.name}, got shape "
+                           f"{tuple(samples.shape)}")
+    scale, shift = family.encoding.latent_scale
     samples = samples.detach().float().cpu()
+    # per-channel constants (Wan's latents_mean / latents_std) must match the channels
+    if not isinstance(scale, (int, float)) and len(scale) != samples.shape[1]:
+        raise TrainerError(f"--latents: LATENT samples have {samples.shape[1]} channels; {family.name}'s "
+                           f"latent normalisation is known for {len(scale)} channels")
     if torch.count_nonzero(samples) > 0:  # ComfyUI does not shift an empty latent
         samples = scale_latents(samples, scale, shift)
     return datasets.Dataset.from_dict({"latents": samples.numpy()}).with_format("numpy")

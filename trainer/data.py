@@ -10,8 +10,9 @@
   seed alone, so 1 process x batch 4, 2 processes x batch 2 and 1 process x batch 2 x 2
   accumulation steps see the same samples. Each sample also carries its *stream position*, from
   which its noise and timestep draw are derived: those are per sample, never per process.
-- Rows whose latents differ in height/width (aspect-ratio buckets) are always batched by shape:
-  every global batch comes from one bucket, so shapes are never mixed in a batch.
+- Rows whose latents differ in height/width (aspect-ratio buckets), or for video families
+  (``latent_ndim`` 4, rows ``[C, T, H, W]``) in frames too, are always batched by shape: every
+  global batch comes from one bucket, so shapes are never mixed in a batch.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from .columns import (
     values,
 )
 from .errors import TrainerError
+from .models.base import latent_layout
 
 logger = logging.getLogger(__name__)
 
 LATENTS = "latents"
-#: a small column of per-row latent shapes ``[C, H, W]`` (written by ``lora-prepare`` for bucketed
+#: a small column of per-row latent shapes ``[C, H, W]`` or ``[C, T, H, W]`` (written by ``lora-prepare`` for bucketed
 #: data): bucket membership without reading the latents' nested lists
 SHAPE_COLUMN = "latent_shape"
 #: datasets up to this many bytes of numbers are checked for NaN/inf at start-up; larger ones batch
@@ -279,9 +281,15 @@ class TrainingData:
         # rows saved with a leading batch dimension of 1 (a VAE's or text encoder's output as it
         # comes, e.g. [1, 4, 64, 64]) are read as the row itself
         self.squeezed: set[str] = set()
-        if all(len(shape) == 4 and shape[0] == 1 for shape in groups):
+        ndim = self.family.latent_ndim
+        #: whether image rows [C, H, W] are read as 1-frame clips [C, 1, H, W] (a video family)
+        self.single_frame = False
+        if all(len(shape) == ndim + 1 and shape[0] == 1 for shape in groups):
             groups = {shape[1:]: rows for shape, rows in groups.items()}
             self.squeezed.add(LATENTS)
+        elif ndim == 4 and all(len(shape) == 3 for shape in groups):
+            groups = {(shape[0], 1, *shape[1:]): rows for shape, rows in groups.items()}
+            self.single_frame = True
         #: shape of each dataset conditioning column as stored (before squeezing)
         self.stored_shapes = {c.name: shapes[c.name] for c in self.columns if c.table is None}
         for c in self.columns:
@@ -292,9 +300,9 @@ class TrainingData:
         first = min(groups, key=lambda shape: groups[shape][0])  # the shape of row 0
         shapes[LATENTS] = first
         for shape, rows in groups.items():
-            if len(shape) != 3:
-                raise TrainerError(f"--latents: latents must be [C, H, W] per row, got shape {shape} in row "
-                                   f"{rows[0]}")
+            if len(shape) != ndim:
+                raise TrainerError(f"--latents: latents must be {latent_layout(ndim)} per row for "
+                                   f"{self.family.name}, got shape {shape} in row {rows[0]}")
             if shape[0] != first[0]:
                 raise TrainerError(f"--latents: row {rows[0]} has {shape[0]} latent channels but row 0 has "
                                    f"{first[0]}: every row must come from the same VAE")
@@ -389,6 +397,8 @@ class TrainingData:
                 out[c.name] = c.table[rows]
         for name in self.squeezed:
             out[name] = out[name].squeeze(1)
+        if self.single_frame:
+            out[LATENTS] = out[LATENTS].unsqueeze(2)  # [B, C, H, W] -> [B, C, 1, H, W]
         return out
 
 

@@ -413,6 +413,9 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     vae_file = path / "vae" / "config.json"
     vae = read_json(vae_file) if index.get("vae", [None])[0] is not None and vae_file.is_file() else None
     vae_factor = vae_scale_factor(vae)
+    if family.latent_ndim != 3:
+        raise TrainerError(f"--model: {path} is a {family.name} video model; lora-prepare encodes images for image "
+                           "models only so far (encode video latents [C, T, H, W] with the pipeline's VAE)")
     encoding = family.encoding
     info = ModelInfo(path, family.name, encoding, denoiser, config, vae, vae_factor,
                      cfg.resolution or encoding.resolution, 0, _stamp(path, ("vae",)),

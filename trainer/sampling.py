@@ -277,6 +277,9 @@ def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size
     """
     from accelerate.utils import DistributedType
 
+    if loaded.family.latent_ndim != 3:
+        raise TrainerError(f"--sample_prompts: {loaded.family.name} is a video model; sampling videos while "
+                           "training is not supported yet (sample from the saved LoRA with the family's pipeline)")
     source = pipeline_source(loaded, model_arg)
     if source is None:
         what = {"folder": f"a bare {loaded.family.subfolder}/ folder", "single_file": "a single-file checkpoint",

@@ -31,6 +31,7 @@ import torch
 from .columns import batch_tensor, check_numeric, row_shapes, schema_shape
 from .data import LATENTS, mix_seed, open_conditioning, sample_draws
 from .errors import TrainerError
+from .models.base import latent_layout
 from .outputs import write_json
 
 logger = logging.getLogger(__name__)
@@ -115,13 +116,19 @@ class StreamData:
         self.fixed = {n: schema_shape(first.schema.field(n).type) for n in self.names}
         shapes = {n: tuple(int(d) for d in row_shapes(first[n].combine_chunks(), self.depth[n], 0,
                                                           f"--latents: column '{n}'")[0]) for n in self.names}
+        ndim = family.latent_ndim
         self.squeezed = {n for n, s in shapes.items()
-                         if len(s) == (3 if n == LATENTS else self.column_ndims[n]) + 1 and s[0] == 1}
+                         if len(s) == (ndim if n == LATENTS else self.column_ndims[n]) + 1 and s[0] == 1}
         shapes = {n: s[1:] if n in self.squeezed else s for n, s in shapes.items()}
+        #: whether image rows [C, H, W] are read as 1-frame clips [C, 1, H, W] (a video family)
+        self.single_frame = ndim == 4 and len(shapes[LATENTS]) == 3
+        if self.single_frame:
+            shapes[LATENTS] = self.as_latent_shape(shapes[LATENTS])
         #: stored shape of each conditioning column of the stream (every row must have it)
         self.stored = {n: (1, *shapes[n]) if n in self.squeezed else shapes[n] for n in self.names if n != LATENTS}
-        if len(shapes[LATENTS]) != 3:
-            raise TrainerError(f"--latents: latents must be [C, H, W] per row, got shape {shapes[LATENTS]}")
+        if len(shapes[LATENTS]) != ndim:
+            raise TrainerError(f"--latents: latents must be {latent_layout(ndim)} per row for {family.name}, got "
+                               f"shape {shapes[LATENTS]}")
         expected = family.latent_channels(model)
         if shapes[LATENTS][0] != expected:
             raise TrainerError(f"--latents: latents have {shapes[LATENTS][0]} channels but the model expects "
@@ -135,6 +142,10 @@ class StreamData:
         self.model = model
         self._checked: set[tuple[int, ...]] = set()
         self.check_latent_shape(shapes[LATENTS])
+
+    def as_latent_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """A row's latent shape as the model reads it (an image row of a video family: 1 frame)."""
+        return (shape[0], 1, *shape[1:]) if self.single_frame else shape
 
     def check_latent_shape(self, shape: tuple[int, ...]) -> None:
         """A latent shape (a bucket) must fit the model, e.g. Flux's 2x2 patches; checked once per shape."""
@@ -202,7 +213,8 @@ class StreamingBatches:
             shapes, keys = np.unique(dims, axis=0, return_inverse=True)
             for shape in shapes:
                 shape = tuple(int(d) for d in shape)
-                self.data.check_latent_shape(shape[1:] if LATENTS in self.data.squeezed else shape)
+                self.data.check_latent_shape(self.data.as_latent_shape(
+                    shape[1:] if LATENTS in self.data.squeezed else shape))
         keys = keys.reshape(-1)[order]
         B, batches = self.batch_size, []
         for key in np.unique(keys):
@@ -243,6 +255,8 @@ class StreamingBatches:
             out[name] = batch_tensor(table[name], self.data.depth[name], shape, labels, f"{where}: column '{name}'")
             if name in self.data.squeezed:
                 out[name] = out[name].squeeze(1)
+        if self.data.single_frame:
+            out[LATENTS] = out[LATENTS].unsqueeze(2)  # [B, C, H, W] -> [B, C, 1, H, W]
         if out[LATENTS].shape[1] != self.data.channels:
             raise TrainerError(f"{where}: latents with {out[LATENTS].shape[1]} channels; the model expects "
                                f"{self.data.channels}")

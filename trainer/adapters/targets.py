@@ -49,12 +49,14 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def resolve_targets(spec: str, default_targets: tuple[str, ...], model: nn.Module) -> tuple[list[str], bool]:
-    """(peft target names, whether the node's offsets are trained) for a ``--target_modules`` value."""
+def resolve_targets(spec: str, default_targets: tuple[str, ...], model: nn.Module,
+                    leave_out: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    """(peft target names, whether the node's offsets are trained) for a ``--target_modules`` value;
+    ``leave_out``: module paths that ``all`` / ``node`` do not adapt (the family's loaders cannot read them)."""
     if spec.strip().lower() in TARGET_SETS:
         spec = spec.strip().lower()
     if spec in ("all", "node"):
-        targets = adaptable_modules(model)
+        targets = [name for name in adaptable_modules(model) if name not in leave_out]
         if not targets:
             raise TrainerError(f"--target_modules {spec}: the model has no Linear or Conv layer")
         return targets, spec == "node"

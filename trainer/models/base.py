@@ -119,12 +119,12 @@ class FamilyEncoding:
 
 
 def scale_latents(latents: torch.Tensor, scale: Any, shift: Any) -> torch.Tensor:
-    """``(latents - shift) * scale`` over [..., C, H, W]: what the denoiser sees from raw VAE latents.
-    ``scale`` and ``shift`` are numbers or per-channel sequences (applied along dimension -3)."""
+    """``(latents - shift) * scale`` over a batch [B, C, ...] (images or clips): what the denoiser sees from
+    raw VAE latents. ``scale`` and ``shift`` are numbers or per-channel sequences (applied along dim 1)."""
     def per_channel(value):
         if isinstance(value, (int, float)):
             return value
-        return torch.as_tensor(value, dtype=latents.dtype, device=latents.device).view(-1, 1, 1)
+        return torch.as_tensor(value, dtype=latents.dtype, device=latents.device).view(-1, *[1] * (latents.ndim - 2))
 
     return (latents - per_channel(shift)) * per_channel(scale)
 
@@ -153,6 +153,12 @@ class ModelFamily(ABC):
     conditioning: ClassVar[dict[str, int]]
     #: conditioning columns used when the data has them (else derived): name -> number of dims per row
     optional_conditioning: ClassVar[dict[str, int]] = {}
+    #: module paths that ``--target_modules all`` (and ``node``) leaves out: layers the family's file
+    #: loaders cannot read an adapter for
+    all_targets_leave_out: ClassVar[tuple[str, ...]] = ()
+    #: dims of one ``latents`` row: 3 for image models ``[C, H, W]``, 4 for video models ``[C, T, H, W]``
+    #: (which also read ``[C, H, W]`` rows, images, as 1-frame clips)
+    latent_ndim: ClassVar[int] = 3
 
     @abstractmethod
     def matches(self, config: dict[str, Any]) -> bool:
@@ -241,6 +247,11 @@ class ModelFamily(ABC):
         """Metadata entries that this family's layout of ``tensors`` (the file) sets differently from the
         trainer's defaults."""
         return {}
+
+
+def latent_layout(ndim: int) -> str:
+    """How a latent row of ``ndim`` dims is spelled in messages: ``[C, H, W]`` or ``[C, T, H, W]``."""
+    return "[C, T, H, W]" if ndim == 4 else "[C, H, W]"
 
 
 def has_checkpoint_key(state_dict: dict[str, torch.Tensor], key: str) -> bool:
