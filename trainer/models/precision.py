@@ -18,6 +18,8 @@ bf16 base: the file only holds the adapter.
 
 from __future__ import annotations
 
+import re
+import types
 from functools import partial
 
 import torch
@@ -55,23 +57,23 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
     if weight_dtype in FP8:
         if not hasattr(model, "enable_layerwise_casting"):
             raise TrainerError(f"--weight_dtype {weight_dtype}: {type(model).__name__} is not a diffusers model")
-        # before the adapter is attached: the hooks sit on the frozen layers only, so peft's layers
-        # (added afterwards, as children of the hooked base layers' wrappers) keep their fp32 masters.
-        # Convolutions stay in the compute dtype: autograd saves a convolution's weight parameter itself,
-        # which the hook casts back to fp8 after the forward, so backward (and checkpointing's recompute
-        # check) would see fp8; a Linear saves a transposed view of the cast weight, which keeps its dtype
+        # before the adapter is attached: only the frozen base layers are stored in fp8, so peft's layers
+        # (added afterwards, wrapping them) keep their fp32 masters.
+        # Convolutions stay in the compute dtype through diffusers' layerwise casting being skipped for them:
+        # autograd saves a convolution's weight parameter itself, which fp8 storage would then hand to
+        # backward (and to checkpointing's recompute check) in fp8.
         # The models' own skip patterns keep every Linear under a module named "norm..." in the compute
-        # dtype: for DiT families those are the AdaLN modulation projections, a quarter of Flux's weights
-        # (3072 -> 6 x 3072 per block). Only Linear/Conv layers are ever cast, so leaving "norm" out changes
-        # nothing for real norm layers; it stores the modulations in fp8 as ComfyUI's fp8 checkpoints do,
-        # which brings an fp8 base to about half the bf16 bytes. ModelMixin.enable_layerwise_casting always
-        # adds the model's patterns, so its own building block is called with the patterns chosen here.
-        from diffusers.hooks import apply_layerwise_casting
+        # dtype: for DiT families those are the AdaLN modulation projections, a quarter of Flux's weights.
+        # Only Linear layers are stored in fp8 here, so leaving "norm" out changes nothing for real norm
+        # layers; it stores the modulations in fp8 as ComfyUI's fp8 checkpoints do (about half the bf16
+        # bytes in all).
         from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
         patterns = {*DEFAULT_SKIP_MODULES_PATTERN, *(getattr(model, "_skip_layerwise_casting_patterns", None) or ()),
                     *(getattr(model, "_keep_in_fp32_modules", None) or ())} - {"norm"}
-        apply_layerwise_casting(model, FP8[weight_dtype], compute_dtype, tuple(sorted(patterns)), CONVOLUTIONS)
+        for name, module in model.named_modules():
+            if type(module) is torch.nn.Linear and not any(re.search(p, name) for p in patterns):
+                store_linear_in_fp8(module, FP8[weight_dtype], compute_dtype)
         model._trainer_weight_dtype = weight_dtype
     elif weight_dtype == "int8":
         if getattr(model, "hf_quantizer", None) is None:
@@ -83,6 +85,44 @@ def apply_weight_dtype(model: torch.nn.Module, weight_dtype: str, compute_dtype:
         for module in model.modules():
             if isinstance(module, torch.nn.Linear) and not is_plain(module.weight):
                 module.register_forward_pre_hook(partial(_cast_inputs, dtype=compute_dtype))
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """``F.linear`` with a frozen fp8-stored weight computed in ``dtype``.
+
+    Why not diffusers' layerwise casting (a hook that casts a layer's weight up before its forward and
+    back after): autograd keeps the up-cast copy each Linear saved for backward, so under gradient
+    checkpointing every layer of the block being recomputed holds its weight in the compute dtype
+    until that block's backward is done. Saving the fp8 weight and casting it again in backward holds
+    one layer's copy at a time. The weight is frozen; the bias may train (``--target_modules node``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.save_for_backward(weight)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        grad_x = (grad.to(ctx.dtype) @ weight.to(ctx.dtype)).to(ctx.x_dtype)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, None
+
+
+def store_linear_in_fp8(module: torch.nn.Linear, storage: torch.dtype, compute: torch.dtype) -> None:
+    """Keep ``module``'s weight in ``storage`` (fp8) and compute it in ``compute`` (:class:`_Fp8Linear`)."""
+    module.weight.data = module.weight.data.to(storage)
+    if module.bias is not None:
+        module.bias.data = module.bias.data.to(compute)
+    module.fp8_compute_dtype = compute
+    module.forward = types.MethodType(_fp8_linear_forward, module)  # a bound method survives deepcopy
+
+
+def _fp8_linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # the base model is frozen before training (peft), so the fp8 weight never gets a gradient
+    return _Fp8Linear.apply(x, module.weight, module.bias, module.fp8_compute_dtype)
 
 
 def _cast_inputs(module: torch.nn.Module, args: tuple, dtype: torch.dtype) -> tuple:
