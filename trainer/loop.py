@@ -34,7 +34,7 @@ from .evaluation import HeldOutLoss, hold_out, open_eval_set
 from .losses import get_loss
 from .models import LoadedModel, load_model
 from .models.precision import DTYPES, is_plain
-from .objectives import ObjectiveOptions, weighted_loss
+from .objectives import weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
 from .rundir import (
@@ -148,7 +148,7 @@ class Trainer:
         self.run, self.cfg, self.accelerator, self.family = run, cfg, accelerator, family
         self.progress = progress = run.progress
         progress.identity = checkpoint.run_identity(cfg, accelerator.num_processes)
-        self.objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
+        self.objective = family.make_objective(run.loaded, cfg.objective_options)
         self.loss_fn = get_loss(cfg.loss_function)
         optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
         checkpoint.register_adapter_hooks(accelerator, progress, run.offsets)
@@ -164,7 +164,7 @@ class Trainer:
         self.loader = build_loader(cfg, run.data, accelerator, progress, stream)
         # per-step losses stay on the device until logged (one host sync per log), indexed by progress.done
         self.losses = torch.zeros(max(cfg.steps, progress.done), device=accelerator.device)
-        eval_objective = family.make_objective(run.loaded, replace(ObjectiveOptions.from_config(cfg),
+        eval_objective = family.make_objective(run.loaded, replace(cfg.objective_options,
                                                                    timestep_sampling="uniform"))
         self.watch = Watch(accelerator, progress, cfg.steps, run.sampler, cfg.sample_every, run.held_out,
                            cfg.eval_every, self.denoiser,
