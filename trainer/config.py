@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -423,6 +424,34 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def add_parameters(parser: argparse.ArgumentParser, params: Iterable[dataclasses.Field], *,
+                   typed: bool = False) -> None:
+    """One ``--<name>`` flag per parameter, its help text from the field: the one flag builder of both commands.
+
+    ``typed=False`` (train.py): every flag takes a string that :func:`_coerce` converts and checks when the
+    config is built, exactly as a YAML value is, and the help says the default and what is allowed.
+    ``typed=True`` (lora-prepare, which has no YAML file): argparse converts the value by the field's type,
+    a bool is a switch, a field without a default is a required flag, and the help gives the default."""
+    for f in params:
+        if not typed:
+            default = f.default if f.default is not None else "None"
+            parser.add_argument(f"--{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
+                                help=f"{f.metadata['help']} [default: {default}; {_describe(f)}]")
+            continue
+        kind, required = _flag_type(f), f.default is dataclasses.MISSING
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
+            continue
+        default = "" if required or f.default is None else f" [default: {f.default}]"
+        parser.add_argument(f"--{f.name}", type=kind, required=required, default=argparse.SUPPRESS,
+                            metavar=f.name.upper(), help=f.metadata["help"] + default)
+
+
+def _flag_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool}.get(f.type.replace(" | None", ""), str)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="train.py",
@@ -432,10 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file with any of the parameters below; "
                         "flags given on the command line override it")
-    for f in TrainConfig.parameters():
-        default = f.default if f.default is not None else "None"
-        parser.add_argument(f"--{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} [default: {default}; {_describe(f)}]")
+    add_parameters(parser, TrainConfig.parameters())
     return parser
 
 
