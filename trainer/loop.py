@@ -383,7 +383,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
                            f"{cfg.weight_dtype} stores at reduced precision; use --weight_dtype default")
     # open the datasets and read the prompts first: a wrong path fails in a second, not after loading a
     # large model
-    check_config(cfg)
+    check_config(cfg.watching)
     node_latent = comfy_inputs.is_latent(latents)  # ComfyUI's LATENT: scaled by the family's format
     if node_latent and cfg.streaming:
         raise TrainerError("--streaming reads --latents from files; a LATENT dict is already in memory")
@@ -407,7 +407,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     denoiser.train()
     if prompts is not None:
         sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
-        run.sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
+        run.sampler = build_sampler(cfg.watching, cfg.output_dir, cfg.training_dtype, loaded, model, prompts,
+                                    sample_size, accelerator)
     return run
 
 
