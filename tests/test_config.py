@@ -95,7 +95,7 @@ def test_help_lists_every_parameter_with_default_and_range():
                           timeout=60)
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
-    for name in TrainConfig.__dataclass_fields__:
+    for name in TrainConfig.ORDER:
         assert f"--{name}" in text
     assert "default: 16; an integer in 1..100000" in text  # steps
     assert "one of AdamW, Adam, SGD, RMSprop" in text
@@ -126,7 +126,7 @@ def test_choices_are_the_registries():
     from trainer.models.precision import DTYPES, WEIGHT_DTYPES
     from trainer.optim import OPTIMIZERS
 
-    choices = {f.name: f.metadata["choices"] for f in dataclasses.fields(TrainConfig)}
+    choices = {f.name: f.metadata["choices"] for f in TrainConfig.parameters()}
     assert set(choices["optimizer"]) == set(OPTIMIZERS)
     assert set(choices["loss_function"]) == set(LOSSES)
     assert set(choices["algorithm"]) == set(ALGORITHMS)
@@ -135,9 +135,39 @@ def test_choices_are_the_registries():
     assert set(choices["training_dtype"]) <= set(DTYPES) and set(choices["lora_dtype"]) <= set(DTYPES)
 
 
-def test_objective_options_default_to_the_configs_defaults():
-    """ObjectiveOptions (the objective's part of the config) repeats TrainConfig's defaults for callers that
-    build an objective directly; they must stay the same values."""
-    from trainer.objectives import ObjectiveOptions
+def test_sections_hold_every_parameter_once_and_read_flat():
+    """Each parameter lives in one section; ``cfg.<name>``, ``to_dict()`` and ``identity()`` read it by its
+    flat name, as the YAML keys, the flags, checkpoints and the LoRA file's metadata do."""
+    cfg = TrainConfig(rank=4, steps=3, sample_prompts=["a cat"])
+    assert cfg.adapter.rank == cfg.rank == 4 and cfg.optimization.steps == cfg.steps == 3
+    names = [f.name for cls in TrainConfig.SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert sorted(names) == sorted(TrainConfig.ORDER) and len(set(names)) == len(names)
+    flat = cfg.to_dict()
+    assert list(flat) == list(TrainConfig.ORDER) and flat["rank"] == 4 and flat["sample_prompts"] == ["a cat"]
+    assert TrainConfig(**flat) == cfg  # a flat dict (e.g. a LoRA file's trainer_config) reads back
+    assert set(cfg.identity()) == {f.name for f in TrainConfig.parameters() if f.metadata["identity"]}
+    assert "steps" not in cfg.identity() and cfg.identity()["rank"] == 4
+    changed = dataclasses.replace(cfg, batch_size=2)
+    assert (changed.batch_size, changed.rank, cfg.batch_size) == (2, 4, 1)
 
-    assert ObjectiveOptions() == ObjectiveOptions.from_config(TrainConfig())
+
+def test_nested_yaml_is_accepted(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("adapter:\n  rank: 16\n  algorithm: loha\nsteps: 3\n")
+    cfg = parse_args(["--config", str(file), "--rank", "4"])
+    assert (cfg.rank, cfg.algorithm, cfg.steps) == (4, "LoHa", 3)
+    file.write_text("adapter:\n  rnak: 16\n")
+    with pytest.raises(ConfigError, match="adapter.rnak"):
+        parse_args(["--config", str(file)])
+    file.write_text("adapter: 16\n")
+    with pytest.raises(ConfigError, match="adapter: expected a mapping"):
+        parse_args(["--config", str(file)])
+
+
+def test_sections_are_frozen_and_checked():
+    from trainer.config import AdapterArgs
+
+    with pytest.raises(ConfigError, match="--rank"):
+        AdapterArgs(rank=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().adapter.rank = 4  # type: ignore[misc]

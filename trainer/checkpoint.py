@@ -22,7 +22,6 @@ not by step. Here each checkpoint is written to a temporary folder and renamed w
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -180,7 +179,7 @@ def identity_differences(saved: dict | None, current: dict[str, Any]) -> list[st
 
     if not saved:
         return ["it records no run identity (written by an older version of this trainer)"]
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = {f.name: f.default for f in TrainConfig.parameters()}
     differ = []
     for name, value in current.items():
         old = saved.get(name, defaults.get(name, "(not recorded)"))

@@ -1,9 +1,15 @@
-"""Training parameters: one typed dataclass, filled from a YAML file and ``--flags``.
+"""Parameters of both commands: typed dataclasses, filled from a YAML file and ``--flags``.
 
-Every field carries its help text, default and allowed range/choices in its metadata, so the
-command line, the YAML loader, ``--help`` and validation all read one definition. Values are
-checked before any model or data is touched; a bad value raises :class:`ConfigError` with a
-one-line message naming the parameter and what is allowed.
+A training run's parameters are grouped in sections (:class:`ModelArgs`, :class:`DataArgs`,
+:class:`AdapterArgs`, :class:`ObjectiveOptions`, :class:`OptimizationArgs`, :class:`CheckpointArgs`,
+:class:`OutputArgs`, :class:`WatchArgs`) composed into :class:`TrainConfig`; ``lora-prepare``'s are
+:class:`trainer.prepare.PrepareConfig`. Every field is made by :func:`_param` and carries its help
+text, default and allowed range/choices in its metadata, so the command line
+(:func:`add_parameters`), the YAML loader, ``--help`` and validation all read one definition.
+Parameter names are flat and unique across sections: the YAML keys and ``--flags`` are the names
+alone, and ``cfg.<name>`` reads a parameter wherever it lives. Values are checked before any model
+or data is touched; a bad value raises :class:`ConfigError` with a one-line message naming the
+parameter and what is allowed.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -38,37 +45,64 @@ def _param(default, help, *, range=None, choices=None, identity=True):
                                             "identity": identity})
 
 
-@dataclass
-class TrainConfig:
-    """All parameters of a training run; names and defaults follow ComfyUI's Train LoRA node."""
+class _Section:
+    """A group of parameters (frozen: checked once, then read): each value is converted to its field's type
+    and checked on construction."""
 
-    # --- the node's inputs -------------------------------------------------------------
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+
+
+@dataclass(frozen=True)
+class ModelArgs(_Section):
+    """The frozen base model: where it is, what it is, how it is stored and computed."""
+
     model: str = _param("demo", "diffusers pipeline folder, bare unet/transformer folder, single-file "
                         ".safetensors checkpoint, or 'demo' (a tiny built-in model)")
+    model_family: str = _param("auto", "model family, one package each in trainer/models/ (sd = SD 1.x/2.x, "
+                               "sd3 = SD3/3.5, flux = Flux.1; the README's family table lists them); auto "
+                               "detects it from the model", choices=("auto", *family_names()))
+    model_config: str | None = _param(None, "diffusers config folder for a single-file checkpoint "
+                                      "(default: the built-in config of the detected family and variant)")
+    prediction_type: str = _param("auto", "what the model predicts (SD/SDXL; SD3/Flux predict the flow "
+                                  "velocity); auto reads the pipeline's scheduler config",
+                                  choices=("auto", "epsilon", "v_prediction"))
+    training_dtype: str = _param("bf16", "compute dtype of the frozen model (bf16 = bf16 weights + autocast)",
+                                 choices=("bf16", "fp32"))
+    weight_dtype: str = _param("default", "how the frozen base is stored: default = the training dtype; "
+                               "fp8_e4m3fn/fp8_e5m2 = fp8, each layer computed in the training dtype; int8 = "
+                               "int8 weight-only (needs torchao)",
+                               choices=("default", "fp8_e4m3fn", "fp8_e5m2", "int8"))
+    gradient_checkpointing: bool = _param(True, "recompute activations in backward to save memory", identity=False)
+    compile: bool = _param(False, "compile the denoiser with torch.compile (inductor): slower start, often "
+                           "faster steps on a GPU", identity=False)
+
+
+@dataclass(frozen=True)
+class DataArgs(_Section):
+    """The training latents and conditioning, how they are batched and read."""
+
     latents: str = _param("demo", "latents dataset: a save_to_disk folder, Parquet/Arrow files (file, "
                           "folder or glob), or 'demo'")
     positive: str | None = _param(None, "conditioning dataset or .safetensors file with 1 row (repeated) or "
                                   "one row per latent; default: columns of the latents dataset")
     batch_size: int = _param(1, "samples per process per micro-batch", range=(1, 10000))
-    grad_accumulation_steps: int = _param(1, "micro-batches per optimizer step", range=(1, 1024))
-    steps: int = _param(16, "optimizer steps to train in this run", range=(1, 100000), identity=False)
-    learning_rate: float = _param(0.0005, "optimizer learning rate", range=(1e-7, 1.0))
+    num_workers: int = _param(0, "DataLoader worker processes", range=(0, 64), identity=False)
+    streaming: bool = _param(False, "read --latents as a stream (datasets IterableDataset: local files, a URL or a "
+                             "Hub dataset), split between processes, for data that does not fit one disk; "
+                             "resume is exact for the same number of processes")
+    shuffle_buffer: int = _param(1000, "--streaming: examples read ahead and shuffled together (more: better "
+                                 "mixing, more memory)", range=(1, 1000000))
+
+
+@dataclass(frozen=True)
+class AdapterArgs(_Section):
+    """The trained adapter: algorithm, size, where it attaches, a file to continue."""
+
+    algorithm: str = _param("LoRA", "adapter algorithm", choices=("LoRA", "LoHa", "LoKr", "OFT"))
     rank: int = _param(8, "adapter rank (LoRA/LoHa: rank of the update; LoKr: rank of w2; OFT: "
                     "the LyCORIS factor, about the block size)", range=(1, 128))
-    optimizer: str = _param("AdamW", "optimizer", choices=("AdamW", "Adam", "SGD", "RMSprop"))
-    loss_function: str = _param("MSE", "loss between prediction and target",
-                                choices=("MSE", "L1", "Huber", "SmoothL1"))
-    seed: int = _param(0, "seeds adapter init, data order, noise and timesteps", range=(0, MAX_SEED))
-    training_dtype: str = _param("bf16", "compute dtype of the frozen model (bf16 = bf16 weights + autocast)",
-                                 choices=("bf16", "fp32"))
-    # not identity: checkpoints hold the fp32 masters; the dtype applies only when the file is written
-    lora_dtype: str = _param("bf16", "dtype of the adapter weights as saved (training keeps fp32 masters)",
-                             choices=("bf16", "fp32"), identity=False)
-    algorithm: str = _param("LoRA", "adapter algorithm", choices=("LoRA", "LoHa", "LoKr", "OFT"))
-    gradient_checkpointing: bool = _param(True, "recompute activations in backward to save memory", identity=False)
-    existing_lora: str | None = _param(None, "LoRA .safetensors file to continue (weights and step count)")
-
-    # --- added by this trainer ---------------------------------------------------------
     alpha: float | None = _param(1.0, "adapter alpha; the update is scaled by alpha/rank (the node uses 1.0; "
                                  "none = rank, a scale of 1); for OFT the norm constraint (0 = none; "
                                  "LoRA/LoHa/LoKr need alpha > 0)", range=(0.0, 1e6))
@@ -78,15 +112,18 @@ class TrainConfig:
                                  "(loads in ComfyUI and this trainer, not in diffusers); attention: the "
                                  "family's attention projections; or comma-separated module names (suffix "
                                  "match)")
-    output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json", identity=False)
-    output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter: a plain name, "
-                              "no folder", identity=False)
-    model_family: str = _param("auto", "model family, one package each in trainer/models/ (sd = SD 1.x/2.x, "
-                               "sd3 = SD3/3.5, flux = Flux.1; the README's family table lists them); auto "
-                               "detects it from the model", choices=("auto", *family_names()))
-    prediction_type: str = _param("auto", "what the model predicts (SD/SDXL; SD3/Flux predict the flow "
-                                  "velocity); auto reads the pipeline's scheduler config",
-                                  choices=("auto", "epsilon", "v_prediction"))
+    existing_lora: str | None = _param(None, "LoRA .safetensors file to continue (weights and step count)")
+    # not identity: checkpoints hold the fp32 masters; the dtype applies only when the file is written
+    lora_dtype: str = _param("bf16", "dtype of the adapter weights as saved (training keeps fp32 masters)",
+                             choices=("bf16", "fp32"), identity=False)
+
+
+@dataclass(frozen=True)
+class ObjectiveOptions(_Section):
+    """The training objective: loss, target, noise levels and per-sample weights."""
+
+    loss_function: str = _param("MSE", "loss between prediction and target",
+                                choices=("MSE", "L1", "Huber", "SmoothL1"))
     objective: str = _param("native", "native: the model's own target; x0: loss on the predicted clean "
                             "latents (the node's behaviour)", choices=("native", "x0"))
     timestep_sampling: str = _param("auto", "how noise levels are drawn: uniform, logit_normal or mode (SD3 "
@@ -103,17 +140,23 @@ class TrainConfig:
     min_snr_gamma: float = _param(5.0, "min_snr: the SNR at which weights are clipped", range=(0.01, 1000.0))
     guidance: float = _param(1.0, "Flux.1 dev-style (guidance-distilled) models: the guidance value fed "
                              "while training; 1.0 keeps the distilled guidance intact", range=(0.0, 100.0))
-    model_config: str | None = _param(None, "diffusers config folder for a single-file checkpoint "
-                                      "(default: the built-in config of the detected family and variant)")
-    log_every: int = _param(10, "read the loss back from the device and log it every N steps",
-                            range=(1, 100000), identity=False)
-    report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"),
-                            identity=False)
-    save_merged_model: bool = _param(False, "also write model_with_lora/: the base model with the adapter "
-                                     "merged, as a diffusers folder", identity=False)
-    num_workers: int = _param(0, "DataLoader worker processes", range=(0, 64), identity=False)
-    compile: bool = _param(False, "compile the denoiser with torch.compile (inductor): slower start, often "
-                           "faster steps on a GPU", identity=False)
+
+
+@dataclass(frozen=True)
+class OptimizationArgs(_Section):
+    """The optimizer and how long and how it steps."""
+
+    optimizer: str = _param("AdamW", "optimizer", choices=("AdamW", "Adam", "SGD", "RMSprop"))
+    learning_rate: float = _param(0.0005, "optimizer learning rate", range=(1e-7, 1.0))
+    steps: int = _param(16, "optimizer steps to train in this run", range=(1, 100000), identity=False)
+    grad_accumulation_steps: int = _param(1, "micro-batches per optimizer step", range=(1, 1024))
+    seed: int = _param(0, "seeds adapter init, data order, noise and timesteps", range=(0, MAX_SEED))
+
+
+@dataclass(frozen=True)
+class CheckpointArgs(_Section):
+    """Full-state checkpoints and resuming from one."""
+
     checkpointing_steps: int | None = _param(None, "save a full-state checkpoint (adapter, optimizer, RNG, "
                                              "progress) every N steps under output_dir/checkpoints",
                                              range=(1, 100000), identity=False)
@@ -122,20 +165,36 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _param(None, "'latest' (the newest checkpoint of this same run that "
                                                 "loads) or a checkpoint folder: continue that run exactly "
                                                 "(--steps counts the whole run)", identity=False)
-    # --- model storage (issue 14) ---
-    weight_dtype: str = _param("default", "how the frozen base is stored: default = the training dtype; "
-                               "fp8_e4m3fn/fp8_e5m2 = fp8, each layer computed in the training dtype; int8 = "
-                               "int8 weight-only (needs torchao)",
-                               choices=("default", "fp8_e4m3fn", "fp8_e5m2", "int8"))
 
-    # --- streaming (issue 16) ---
-    streaming: bool = _param(False, "read --latents as a stream (datasets IterableDataset: local files, a URL or a "
-                             "Hub dataset), split between processes, for data that does not fit one disk; "
-                             "resume is exact for the same number of processes")
-    shuffle_buffer: int = _param(1000, "--streaming: examples read ahead and shuffled together (more: better "
-                                 "mixing, more memory)", range=(1, 1000000))
 
-    # --- watching a run: sample images and a held-out loss (issue 17) ---
+@dataclass(frozen=True)
+class OutputArgs(_Section):
+    """What is written where, and what is logged."""
+
+    output_dir: str = _param("output", "folder for the LoRA file, loss.json, loss.png and result.json", identity=False)
+    output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter: a plain name, "
+                              "no folder", identity=False)
+    file_layout: str = _param("auto", "LoRA file layout. auto: the family's layout that diffusers, ComfyUI and "
+                              "kohya tools load (lora.safetensors); comfyui: the Train LoRA node's own keys "
+                              "(diffusion_model.<ComfyUI module>, alpha folded into the weights) and file name "
+                              "<output_name>_<steps>_steps_00001_.safetensors, which the node can continue",
+                              choices=("auto", "comfyui"), identity=False)
+    save_merged_model: bool = _param(False, "also write model_with_lora/: the base model with the adapter "
+                                     "merged, as a diffusers folder", identity=False)
+    log_every: int = _param(10, "read the loss back from the device and log it every N steps",
+                            range=(1, 100000), identity=False)
+    report_to: str = _param("none", "experiment tracker", choices=("none", "tensorboard", "wandb", "all"),
+                            identity=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_plain_name("output_name", self.output_name)
+
+
+@dataclass(frozen=True)
+class WatchArgs(_Section):
+    """Watching a run: sample images and a held-out loss (issue 17)."""
+
     # (the default is None, not a shared list: RUF009 only sees "list" in the type)
     sample_prompts: str | list | None = _param(  # noqa: RUF009
         None, "sample images while training from these prompts: a text file, one prompt per line with optional "
@@ -161,17 +220,51 @@ class TrainConfig:
                                     "computed before the first and after the last step)", range=(1, 100000),
                                     identity=False)
 
-    # --- ComfyUI node compatibility (issue 13) ---
-    file_layout: str = _param("auto", "LoRA file layout. auto: the family's layout that diffusers, ComfyUI and "
-                              "kohya tools load (lora.safetensors); comfyui: the Train LoRA node's own keys "
-                              "(diffusion_model.<ComfyUI module>, alpha folded into the weights) and file name "
-                              "<output_name>_<steps>_steps_00001_.safetensors, which the node can continue",
-                              choices=("auto", "comfyui"), identity=False)
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
-        _check_plain_name("output_name", self.output_name)
+@dataclass(init=False)
+class TrainConfig:
+    """All parameters of a training run; names and defaults follow ComfyUI's Train LoRA node.
+
+    Built from flat names (``TrainConfig(rank=4, steps=3)``, as the YAML file and the flags give them)
+    or from sections (``TrainConfig(adapter=AdapterArgs(rank=4))``, or a mapping per section, the
+    nested YAML form); ``cfg.adapter`` is a section, ``cfg.rank`` the same value read by its name.
+    """
+
+    base: ModelArgs
+    data: DataArgs
+    adapter: AdapterArgs
+    objective_options: ObjectiveOptions
+    optimization: OptimizationArgs
+    checkpointing: CheckpointArgs
+    outputs: OutputArgs
+    watching: WatchArgs
+
+    #: section attribute -> its class
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "base": ModelArgs, "data": DataArgs, "adapter": AdapterArgs, "objective_options": ObjectiveOptions,
+        "optimization": OptimizationArgs, "checkpointing": CheckpointArgs, "outputs": OutputArgs,
+        "watching": WatchArgs}
+    #: the order of ``--help``, ``to_dict()`` and ``identity()``: the node's inputs first, then each
+    # parameter in the order it was added (the order these listed before sections existed)
+    ORDER: ClassVar[tuple[str, ...]] = (
+        "model", "latents", "positive", "batch_size", "grad_accumulation_steps", "steps", "learning_rate", "rank",
+        "optimizer", "loss_function", "seed", "training_dtype", "lora_dtype", "algorithm", "gradient_checkpointing",
+        "existing_lora", "alpha", "target_modules", "output_dir", "output_name", "model_family", "prediction_type",
+        "objective", "timestep_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting",
+        "min_snr_gamma", "guidance", "model_config", "log_every", "report_to", "save_merged_model", "num_workers",
+        "compile", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "weight_dtype",
+        "streaming", "shuffle_buffer", "sample_prompts", "sample_every", "sample_steps", "sample_guidance",
+        "sample_size", "sample_seed", "eval_latents", "eval_fraction", "eval_every", "file_layout")
+
+    def __init__(self, **values: Any):
+        flat = _flatten(values)
+        owner = _owners()
+        unknown = sorted(set(flat) - set(owner))
+        if unknown:
+            raise ConfigError(f"unknown parameter {unknown[0]!r} (run with --help for the list)")
+        for section, cls in self.SECTIONS.items():
+            names = {f.name for f in dataclasses.fields(cls)}
+            setattr(self, section, cls(**{k: v for k, v in flat.items() if k in names}))
         if self.alpha == 0 and self.algorithm != "OFT" and self.existing_lora is None:  # else the file decides
             raise ConfigError(f"--alpha: 0 would scale the {self.algorithm} update to nothing; give alpha > 0 "
                               "(0 means 'no constraint' only for OFT)")
@@ -179,22 +272,67 @@ class TrainConfig:
     # -- constructors --------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build a config from a mapping of names to values; unknown names are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown parameter {unknown[0]!r} (run with --help for the list)")
+        """Build a config from a mapping of names to values (flat, or per section); unknown names are errors."""
         return cls(**values)
 
+    @classmethod
+    def parameters(cls) -> tuple[dataclasses.Field, ...]:
+        """Every parameter's field, in :attr:`ORDER`."""
+        fields = {f.name: f for section in cls.SECTIONS.values() for f in dataclasses.fields(section)}
+        return tuple(fields[name] for name in cls.ORDER)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Flat names -> values (the LoRA file's ``trainer_config`` and the tracker's hparams)."""
+        return {name: _copy(getattr(self, name)) for name in self.ORDER}
 
     def identity(self) -> dict[str, Any]:
         """The parameters that change what the run computes (fields with ``identity=True``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]}
+        return {f.name: _copy(getattr(self, f.name)) for f in self.parameters() if f.metadata["identity"]}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value  # sample_prompts: never share the list
+
+
+def _owners() -> dict[str, str]:
+    """Parameter name -> the section attribute that holds it."""
+    return {f.name: section for section, cls in TrainConfig.SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat names -> values from flat names, section objects and (nested YAML) per-section mappings.
+
+    Sections come first so that a flat name given alongside its section (``dataclasses.replace``) wins."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in TrainConfig.SECTIONS:
+            continue
+        if isinstance(value, _Section):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of its parameters to values, got {value!r}")
+        names = {f.name for f in dataclasses.fields(TrainConfig.SECTIONS[key])}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(f"unknown parameter '{key}.{unknown[0]}' (run with --help for the list)")
+        flat.update(value)
+    flat.update({k: v for k, v in values.items() if k not in TrainConfig.SECTIONS})
+    return flat
+
+
+def _flat_property(section: str, name: str, help: str) -> property:
+    """``cfg.<name>`` reads the parameter in its section: the YAML keys, the flags and every caller use
+    the one flat name, whichever section holds it (``dataclasses.replace(cfg, name=value)`` changes one)."""
+    return property(lambda self: getattr(getattr(self, section), name), doc=help)
+
+
+for _section, _cls in TrainConfig.SECTIONS.items():
+    for _f in dataclasses.fields(_cls):
+        setattr(TrainConfig, _f.name, _flat_property(_section, _f.name, _f.metadata["help"]))
+assert set(TrainConfig.ORDER) == set(_owners()) and len(TrainConfig.ORDER) == len(_owners())
 
 
 def _check_plain_name(name: str, value: str) -> None:
@@ -286,6 +424,34 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+def add_parameters(parser: argparse.ArgumentParser, params: Iterable[dataclasses.Field], *,
+                   typed: bool = False) -> None:
+    """One ``--<name>`` flag per parameter, its help text from the field: the one flag builder of both commands.
+
+    ``typed=False`` (train.py): every flag takes a string that :func:`_coerce` converts and checks when the
+    config is built, exactly as a YAML value is, and the help says the default and what is allowed.
+    ``typed=True`` (lora-prepare, which has no YAML file): argparse converts the value by the field's type,
+    a bool is a switch, a field without a default is a required flag, and the help gives the default."""
+    for f in params:
+        if not typed:
+            default = f.default if f.default is not None else "None"
+            parser.add_argument(f"--{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
+                                help=f"{f.metadata['help']} [default: {default}; {_describe(f)}]")
+            continue
+        kind, required = _flag_type(f), f.default is dataclasses.MISSING
+        if kind is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS,
+                                help=f.metadata["help"])
+            continue
+        default = "" if required or f.default is None else f" [default: {f.default}]"
+        parser.add_argument(f"--{f.name}", type=kind, required=required, default=argparse.SUPPRESS,
+                            metavar=f.name.upper(), help=f.metadata["help"] + default)
+
+
+def _flag_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool}.get(f.type.replace(" | None", ""), str)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="train.py",
@@ -295,10 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", help="YAML file with any of the parameters below; "
                         "flags given on the command line override it")
-    for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not None else "None"
-        parser.add_argument(f"--{f.name}", metavar="VALUE", default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} [default: {default}; {_describe(f)}]")
+    add_parameters(parser, TrainConfig.parameters())
     return parser
 
 

@@ -34,7 +34,7 @@ from .evaluation import HeldOutLoss, hold_out, open_eval_set
 from .losses import get_loss
 from .models import LoadedModel, load_model
 from .models.precision import DTYPES, is_plain
-from .objectives import ObjectiveOptions, weighted_loss
+from .objectives import weighted_loss
 from .optim import build_optimizer
 from .outputs import plot_loss, save_adapter_file, save_merged_model, write_failure, write_json
 from .rundir import (
@@ -148,7 +148,7 @@ class Trainer:
         self.run, self.cfg, self.accelerator, self.family = run, cfg, accelerator, family
         self.progress = progress = run.progress
         progress.identity = checkpoint.run_identity(cfg, accelerator.num_processes)
-        self.objective = family.make_objective(run.loaded, ObjectiveOptions.from_config(cfg))
+        self.objective = family.make_objective(run.loaded, cfg.objective_options)
         self.loss_fn = get_loss(cfg.loss_function)
         optimizer = build_optimizer(cfg.optimizer, run.params, cfg.learning_rate)
         checkpoint.register_adapter_hooks(accelerator, progress, run.offsets)
@@ -164,7 +164,7 @@ class Trainer:
         self.loader = build_loader(cfg, run.data, accelerator, progress, stream)
         # per-step losses stay on the device until logged (one host sync per log), indexed by progress.done
         self.losses = torch.zeros(max(cfg.steps, progress.done), device=accelerator.device)
-        eval_objective = family.make_objective(run.loaded, replace(ObjectiveOptions.from_config(cfg),
+        eval_objective = family.make_objective(run.loaded, replace(cfg.objective_options,
                                                                    timestep_sampling="uniform"))
         self.watch = Watch(accelerator, progress, cfg.steps, run.sampler, cfg.sample_every, run.held_out,
                            cfg.eval_every, self.denoiser,
@@ -383,7 +383,7 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
                            f"{cfg.weight_dtype} stores at reduced precision; use --weight_dtype default")
     # open the datasets and read the prompts first: a wrong path fails in a second, not after loading a
     # large model
-    check_config(cfg)
+    check_config(cfg.watching)
     node_latent = comfy_inputs.is_latent(latents)  # ComfyUI's LATENT: scaled by the family's format
     if node_latent and cfg.streaming:
         raise TrainerError("--streaming reads --latents from files; a LATENT dict is already in memory")
@@ -407,7 +407,8 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     denoiser.train()
     if prompts is not None:
         sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
-        run.sampler = build_sampler(cfg, loaded, model, prompts, sample_size, accelerator)
+        run.sampler = build_sampler(cfg.watching, cfg.output_dir, cfg.training_dtype, loaded, model, prompts,
+                                    sample_size, accelerator)
     return run
 
 

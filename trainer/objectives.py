@@ -22,35 +22,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+from .config import ObjectiveOptions  # the objective's section of the run's config
 from .errors import TrainerError
 
-
-@dataclass(frozen=True)
-class ObjectiveOptions:
-    """The training-objective part of the run's config (see :class:`~trainer.config.TrainConfig`)."""
-
-    #: "native" (the model's own target) or "x0"
-    objective: str = "native"
-    #: "auto" (uniform for DDPM, logit_normal for flow matching), "uniform", "logit_normal" or "mode"
-    timestep_sampling: str = "auto"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    #: "none", "min_snr" (DDPM), "sigma_sqrt" or "cosmap" (flow matching)
-    loss_weighting: str = "none"
-    min_snr_gamma: float = 5.0
-    #: Flux.1: the value fed to the guidance embedding while training (guidance-distilled models)
-    guidance: float = 1.0
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> ObjectiveOptions:
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
+#: the config's defaults (sections are frozen: one shared instance is safe)
+DEFAULT_OPTIONS = ObjectiveOptions()
 
 
 def noise_fraction(u: torch.Tensor, method: str, logit_mean: float, logit_std: float,
@@ -107,7 +89,7 @@ class DDPMObjective:
     """
 
     def __init__(self, scheduler_config: dict, prediction_type: str,
-                 options: ObjectiveOptions = ObjectiveOptions(), model_inputs: dict[str, Any] | None = None):
+                 options: ObjectiveOptions = DEFAULT_OPTIONS, model_inputs: dict[str, Any] | None = None):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise TrainerError(f"prediction_type {prediction_type!r} is not supported for this model "
                                "(expected epsilon or v_prediction)")
@@ -212,7 +194,7 @@ class FlowMatchObjective:
     shift, so training sees the noise levels the model's sampler uses.
     """
 
-    def __init__(self, scheduler_config: dict, options: ObjectiveOptions = ObjectiveOptions(),
+    def __init__(self, scheduler_config: dict, options: ObjectiveOptions = DEFAULT_OPTIONS,
                  patch_size: int = 1, model_inputs: dict[str, Any] | None = None):
         _check_options(options, ("sigma_sqrt", "cosmap"), "flow-matching")
         self.options = options

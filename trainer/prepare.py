@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cli import configure_logging
-from .config import OneLineParser
+from .config import OneLineParser, _param, add_parameters
 from .errors import ConfigError, TrainerError
 
 if TYPE_CHECKING:  # torch takes seconds to import: only the encoding functions import it
@@ -60,34 +60,30 @@ _EXIF_ORIENTATION = 0x0112
 # ----------------------------------------------------------------------------- parameters
 
 
-def _option(default, help: str, type=str):
-    """A field of :class:`PrepareConfig`: its help text and command-line type drive ``--help`` and parsing."""
-    return field(default=default, metadata={"help": help, "type": type})
-
-
 @dataclass
 class PrepareConfig:
-    """Parameters of ``lora-prepare``; each is a ``--flag`` of the same name."""
+    """Parameters of ``lora-prepare``; each is a ``--flag`` of the same name (fields made by
+    :func:`trainer.config._param`, flags by :func:`trainer.config.add_parameters`, as train.py's)."""
 
-    images: str = _option(MISSING, "folder of png/jpg/webp images and/or ComfyUI .latent files; captions "
-                          "in same-name .txt files or metadata.jsonl/metadata.csv (file_name, text); "
-                          "kohya-style N_name subfolders repeat their files N times")
-    model: str = _option(MISSING, "diffusers pipeline folder (model_index.json) with vae/ and text encoders")
-    output: str = _option(MISSING, "dataset folder to write (save_to_disk), for train.py --latents")
-    resolution: int | None = _option(None, "bucket area at most RESOLUTION^2 pixels (default: the family's, "
-                                     "512 for SD 1.x/2.x, 1024 for SDXL, SD3, Flux)", int)
-    model_family: str = _option("auto", "model family; auto detects it from the denoiser's config")
-    bucket_step: int | None = _option(None, "bucket sides are multiples of this many pixels (default: the "
-                                      "model's own multiple, raised to at least 64)", int)
-    max_aspect_ratio: float = _option(4.0, "widest bucket: long side / short side", float)
-    batch_size: int = _option(8, "images (and captions) per encoder batch", int)
-    dtype: str = _option("fp32", "encoder dtype: fp32, fp16 or bf16; stored as float16 with fp16, else "
-                         "float32")
-    sample_latents: bool = _option(False, "draw a seeded sample from the VAE's latent distribution instead "
-                                   "of taking its mean", bool)
-    seed: int = _option(0, "seed of --sample_latents (each image's noise derives from it and the image)", int)
-    positive: str | None = _option(None, "caption for files that have none (e.g. .latent files)")
-    cache_dir: str | None = _option(None, "per-image encodings, kept for resuming (default: OUTPUT.cache)")
+    images: str = _param(MISSING, "folder of png/jpg/webp images and/or ComfyUI .latent files; captions "
+                         "in same-name .txt files or metadata.jsonl/metadata.csv (file_name, text); "
+                         "kohya-style N_name subfolders repeat their files N times")
+    model: str = _param(MISSING, "diffusers pipeline folder (model_index.json) with vae/ and text encoders")
+    output: str = _param(MISSING, "dataset folder to write (save_to_disk), for train.py --latents")
+    resolution: int | None = _param(None, "bucket area at most RESOLUTION^2 pixels (default: the family's, "
+                                    "512 for SD 1.x/2.x, 1024 for SDXL, SD3, Flux)")
+    model_family: str = _param("auto", "model family; auto detects it from the denoiser's config")
+    bucket_step: int | None = _param(None, "bucket sides are multiples of this many pixels (default: the "
+                                     "model's own multiple, raised to at least 64)")
+    max_aspect_ratio: float = _param(4.0, "widest bucket: long side / short side")
+    batch_size: int = _param(8, "images (and captions) per encoder batch")
+    dtype: str = _param("fp32", "encoder dtype: fp32, fp16 or bf16; stored as float16 with fp16, else "
+                        "float32")
+    sample_latents: bool = _param(False, "draw a seeded sample from the VAE's latent distribution instead "
+                                  "of taking its mean")
+    seed: int = _param(0, "seed of --sample_latents (each image's noise derives from it and the image)")
+    positive: str | None = _param(None, "caption for files that have none (e.g. .latent files)")
+    cache_dir: str | None = _param(None, "per-image encodings, kept for resuming (default: OUTPUT.cache)")
 
     def __post_init__(self):
         for name in ("images", "model"):
@@ -754,15 +750,7 @@ def _skip_summary(skipped: list[Skipped]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="lora-prepare", description="Encode a folder of images and captions (or ComfyUI "
                      ".latent files) into a latents dataset for train.py --latents.")
-    for f in fields(PrepareConfig):
-        kind, required = f.metadata["type"], f.default is MISSING
-        default = "" if required or f.default is None else f" [default: {f.default}]"
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS,
-                                help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, required=required, default=argparse.SUPPRESS,
-                                metavar=f.name.upper(), help=f.metadata["help"] + default)
+    add_parameters(parser, fields(PrepareConfig), typed=True)
     return parser
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .config import WatchArgs
 from .errors import ConfigError, TrainerError
 from .models.precision import DTYPES
 from .outputs import atomic_path
@@ -268,8 +269,8 @@ def pipeline_source(loaded, model_arg: Any) -> Path | Any | None:
     return None
 
 
-def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size: tuple[int, int],
-                  accelerator) -> PromptSampler:
+def build_sampler(cfg: WatchArgs, output_dir: str, training_dtype: str, loaded, model_arg: Any,
+                  prompts: list[SamplePrompt], size: tuple[int, int], accelerator) -> PromptSampler:
     """Encode the prompts, load the VAE and scheduler around the (adapted) denoiser.
 
     Every process checks the model; only the main process loads and encodes (it alone samples).
@@ -291,12 +292,12 @@ def build_sampler(cfg, loaded, model_arg: Any, prompts: list[SamplePrompt], size
     if accelerator.distributed_type == DistributedType.FSDP:
         raise TrainerError("--sample_prompts: sampling is not supported under FSDP (the main process samples "
                            "alone and FSDP shards the denoiser); sample from the saved LoRA instead")
-    out_dir = Path(cfg.output_dir)
+    out_dir = Path(output_dir)
     if not accelerator.is_main_process:
         return PromptSampler(None, prompts, [], size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
                              out_dir)
     started = time.perf_counter()
-    dtype = DTYPES[cfg.training_dtype]
+    dtype = DTYPES[training_dtype]
     embeds = encode_prompts(source, loaded.family.name, prompts, dtype, accelerator.device)
     pipe = _sampling_pipeline(source, loaded)
     pipe.set_progress_bar_config(disable=True)

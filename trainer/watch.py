@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .checkpoint import Progress
+from .config import WatchArgs
 from .errors import ConfigError
 from .evaluation import HeldOutLoss
 from .sampling import PromptSampler
@@ -17,8 +18,9 @@ from .sampling import PromptSampler
 logger = logging.getLogger(__name__)
 
 
-def check_config(cfg) -> None:
-    """Combinations of the watching parameters that cannot work; raises :class:`ConfigError`."""
+def check_config(cfg: WatchArgs) -> None:
+    """Combinations of the watching parameters (the config's ``watching`` section) that cannot work; raises
+    :class:`ConfigError`."""
     if cfg.eval_latents is not None and cfg.eval_fraction:
         raise ConfigError("--eval_latents and --eval_fraction both give a held-out set; choose one")
     if cfg.eval_every is not None and cfg.eval_latents is None and not cfg.eval_fraction:
