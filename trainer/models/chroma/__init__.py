@@ -29,6 +29,7 @@ from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, has_checkpoint_key, register_family
 from ..mmdit import peft_file_tensors
+from ..patches import image_ids, pack, unpack
 
 #: diffusers' name of the approximator that makes every block's modulation from the timestep
 APPROXIMATOR = "distilled_guidance_layer."
@@ -39,28 +40,6 @@ SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timest
 
 
 # Flux's 2x2 packing and position ids, written here because a family never imports another family
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/2)(W/2), C*4]: one token per 2x2 patch, row-major, features (c, dy, dx)."""
-    b, c, h, w = latents.shape
-    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of :func:`pack` for latents of ``height`` x ``width``."""
-    b, _, features = tokens.shape
-    patches = tokens.view(b, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(b, features // 4, height, width)
-
-
-def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
-    """[rows*cols, 3] position ids of the image tokens: (0, row, column)."""
-    grid = torch.zeros(rows, cols, 3, device=device)
-    grid[..., 1] = torch.arange(rows, device=device)[:, None]
-    grid[..., 2] = torch.arange(cols, device=device)[None, :]
-    return grid.reshape(rows * cols, 3)
-
-
 def attention_mask(text_mask: torch.Tensor | None, image_tokens: int) -> torch.Tensor | None:
     """The transformer's [B, text + image] boolean mask from a ``prompt_attention_mask`` batch [B, L], or
     None when every token is attended (no mask: SDPA's fastest path).

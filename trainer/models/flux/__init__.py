@@ -25,6 +25,7 @@ from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
 from ..mmdit import check_text_conditioning, peft_file_tensors
+from ..patches import image_ids, pack, unpack
 from .names import bfl_to_diffusers, flux_config
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -35,28 +36,6 @@ DEV_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_ti
                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
 SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
                      "shift": 1.0, "use_dynamic_shifting": False}
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H/2)(W/2), C*4]: one token per 2x2 patch, row-major, features (c, dy, dx)."""
-    b, c, h, w = latents.shape
-    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of :func:`pack` for latents of ``height`` x ``width``."""
-    b, _, features = tokens.shape
-    patches = tokens.view(b, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return patches.reshape(b, features // 4, height, width)
-
-
-def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
-    """[rows*cols, 3] position ids of the image tokens: (0, row, column)."""
-    grid = torch.zeros(rows, cols, 3, device=device)
-    grid[..., 1] = torch.arange(rows, device=device)[:, None]
-    grid[..., 2] = torch.arange(cols, device=device)[None, :]
-    return grid.reshape(rows * cols, 3)
 
 
 def encode_text(pipe, captions, device):
