@@ -1,5 +1,6 @@
-"""Flux-style latent patches, shared by the families whose transformers take 2x2 latent patches as tokens
-with (0, row, column) position ids (FLUX.1, Chroma). Not a family: a module families import."""
+"""What the Flux-style transformers share (FLUX.1, Chroma): 2x2 latent patches as tokens with
+(0, row, column) position ids, and ComfyUI's names of their double and single blocks. Not a family: a
+module families import."""
 
 from __future__ import annotations
 
@@ -26,3 +27,35 @@ def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
     grid[..., 1] = torch.arange(rows, device=device)[:, None]
     grid[..., 2] = torch.arange(cols, device=device)[None, :]
     return grid.reshape(rows * cols, 3)
+
+
+def flux_block_comfyui_names(model, modulations: bool) -> dict:
+    """ComfyUI's names (comfy/ldm/flux/model.py) of the double and single blocks of a Flux-style
+    transformer, with its fused q/k/v (``img_attn.qkv``, ``txt_attn.qkv``) and ``linear1`` (q, k, v and the
+    MLP's input); ``modulations``: the blocks have their own AdaLN linears (FLUX.1; Chroma's come from its
+    approximator). Its RMSNorms hold "scale"."""
+    from ..adapters.comfyui import fused, renamed
+
+    names = {}
+    norms = {"attn.norm_q": "scale", "attn.norm_k": "scale", "attn.norm_added_q": "scale",
+             "attn.norm_added_k": "scale"}
+    for i in range(len(model.transformer_blocks)):
+        block, to = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        own = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"} if modulations else {}
+        names.update(renamed(block, to, {
+            **own, "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+            "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+            "ff_context.net.2": "txt_mlp.2", "attn.norm_q": "img_attn.norm.query_norm",
+            "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm",
+            "attn.norm_added_k": "txt_attn.norm.key_norm"}, params=norms))
+        names.update(fused(model, f"{to}img_attn.qkv", [f"{block}attn.{p}" for p in ("to_q", "to_k", "to_v")]))
+        names.update(fused(model, f"{to}txt_attn.qkv",
+                           [f"{block}attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj")]))
+    for i in range(len(model.single_transformer_blocks)):
+        block, to = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        own = {"norm.linear": "modulation.lin"} if modulations else {}
+        names.update(renamed(block, to, {**own, "proj_out": "linear2", "attn.norm_q": "norm.query_norm",
+                                         "attn.norm_k": "norm.key_norm"}, params=norms))
+        names.update(fused(model, f"{to}linear1",
+                           [f"{block}attn.to_q", f"{block}attn.to_k", f"{block}attn.to_v", f"{block}proj_mlp"]))
+    return names

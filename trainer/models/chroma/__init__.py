@@ -29,7 +29,7 @@ from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, has_checkpoint_key, register_family
 from ..mmdit import peft_file_tensors
-from ..patches import image_ids, pack, unpack
+from ..patches import flux_block_comfyui_names, image_ids, pack, unpack
 
 #: diffusers' name of the approximator that makes every block's modulation from the timestep
 APPROXIMATOR = "distilled_guidance_layer."
@@ -160,7 +160,7 @@ class Chroma(ModelFamily):
     def comfyui_names(self, model):
         # ComfyUI's Chroma (comfy/ldm/chroma/model.py, Flux's blocks without their modulation linears); its
         # RMSNorms hold "scale"
-        from ...adapters.comfyui import fused, renamed
+        from ...adapters.comfyui import renamed
 
         names = renamed("", "", {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
                                  "distilled_guidance_layer.in_proj": "distilled_guidance_layer.in_proj",
@@ -171,26 +171,7 @@ class Chroma(ModelFamily):
                                  {"linear_1": "in_layer", "linear_2": "out_layer"}))
             names.update(renamed("distilled_guidance_layer.", "distilled_guidance_layer.",
                                  {f"norms.{i}": f"norms.{i}"}, params={f"norms.{i}": "scale"}))
-        norms = {"attn.norm_q": "scale", "attn.norm_k": "scale", "attn.norm_added_q": "scale",
-                 "attn.norm_added_k": "scale"}
-        for i in range(len(model.transformer_blocks)):
-            block, to = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-            names.update(renamed(block, to, {
-                "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
-                "ff_context.net.2": "txt_mlp.2", "attn.norm_q": "img_attn.norm.query_norm",
-                "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm",
-                "attn.norm_added_k": "txt_attn.norm.key_norm"}, params=norms))
-            names.update(fused(model, f"{to}img_attn.qkv", [f"{block}attn.{p}" for p in ("to_q", "to_k", "to_v")]))
-            names.update(fused(model, f"{to}txt_attn.qkv",
-                               [f"{block}attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj")]))
-        for i in range(len(model.single_transformer_blocks)):
-            block, to = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-            names.update(renamed(block, to, {"proj_out": "linear2", "attn.norm_q": "norm.query_norm",
-                                             "attn.norm_k": "norm.key_norm"}, params=norms))
-            # linear1 stacks q, k, v and the MLP's input projection
-            names.update(fused(model, f"{to}linear1",
-                               [f"{block}attn.to_q", f"{block}attn.to_k", f"{block}attn.to_v", f"{block}proj_mlp"]))
+        names.update(flux_block_comfyui_names(model, modulations=False))
         modules = dict(model.named_modules())
         return {k: v for k, v in names.items() if k in modules}
 

@@ -25,7 +25,7 @@ from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
 from ..mmdit import check_text_conditioning, peft_file_tensors
-from ..patches import image_ids, pack, unpack
+from ..patches import flux_block_comfyui_names, image_ids, pack, unpack
 from .names import bfl_to_diffusers, flux_config
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -124,7 +124,7 @@ class Flux(ModelFamily):
 
     def comfyui_names(self, model):
         # ComfyUI's Flux (comfy/ldm/flux/model.py), as its key maps name it; its RMSNorms hold "scale"
-        from ...adapters.comfyui import fused, renamed
+        from ...adapters.comfyui import renamed
 
         names = renamed("", "", {
             "x_embedder": "img_in", "context_embedder": "txt_in",
@@ -136,28 +136,7 @@ class Flux(ModelFamily):
             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
             "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"},
             swap=("norm_out.linear",))
-        norms = {"attn.norm_q": "scale", "attn.norm_k": "scale", "attn.norm_added_q": "scale",
-                 "attn.norm_added_k": "scale"}
-        for i in range(len(model.transformer_blocks)):
-            block, to = f"transformer_blocks.{i}.", f"double_blocks.{i}."
-            names.update(renamed(block, to, {
-                "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
-                "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
-                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
-                "ff_context.net.2": "txt_mlp.2", "attn.norm_q": "img_attn.norm.query_norm",
-                "attn.norm_k": "img_attn.norm.key_norm", "attn.norm_added_q": "txt_attn.norm.query_norm",
-                "attn.norm_added_k": "txt_attn.norm.key_norm"}, params=norms))
-            names.update(fused(model, f"{to}img_attn.qkv", [f"{block}attn.{p}" for p in ("to_q", "to_k", "to_v")]))
-            names.update(fused(model, f"{to}txt_attn.qkv",
-                               [f"{block}attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj")]))
-        for i in range(len(model.single_transformer_blocks)):
-            block, to = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
-            names.update(renamed(block, to, {"norm.linear": "modulation.lin", "proj_out": "linear2",
-                                             "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"},
-                                 params=norms))
-            # linear1 stacks q, k, v and the MLP's input projection
-            names.update(fused(model, f"{to}linear1",
-                               [f"{block}attn.to_q", f"{block}attn.to_k", f"{block}attn.to_v", f"{block}proj_mlp"]))
+        names.update(flux_block_comfyui_names(model, modulations=True))
         modules = dict(model.named_modules())
         return {k: v for k, v in names.items() if k in modules}
 
