@@ -301,8 +301,9 @@ def test_4_the_lock_is_released_on_any_exit_and_never_stale(tmp_path):
     with run_lock(tmp_path):
         pass
     # a process killed while it holds the lock (SIGKILL: no clean-up at all) leaves no stale lock
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.rundir import run_lock\n"
-                               f"with run_lock({str(tmp_path)!r}):\n print('locked', flush=True); time.sleep(60)"],
+    code = ("import sys, time; from trainer.rundir import run_lock\n"
+            f"with run_lock({str(tmp_path)!r}):\n print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert holder.stdout.readline().strip() == "locked"
