@@ -216,12 +216,21 @@ class ModelFamily(ABC):
 
     def offset_tensors(self, model: torch.nn.Module,
                        offsets: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The full offsets (module -> {"diff", "diff_b"}, fp32) under this family's file keys: by default
-        :meth:`file_tensors` per module, which ComfyUI reads (diffusers' loaders do not read offsets)."""
+        """The full offsets (module -> {"diff", "diff_b"}, fp32) under this family's file keys:
+        :meth:`file_tensors` per module, which ComfyUI reads (diffusers' loaders do not read offsets),
+        except on layers ComfyUI fuses or swaps (:meth:`comfyui_names`), whose offsets its loader reads only
+        under its own names (``adapters.comfyui.split_offsets``)."""
+        from ..adapters.comfyui import split_offsets
+
+        try:
+            names = self.comfyui_names(model) if offsets else {}
+        except TrainerError:
+            names = {}  # ComfyUI's names are not known for this family: nothing is fused
+        rest, comfy_keys = split_offsets(model, names, offsets)
         state = {}
-        for module, tensors in offsets.items():
+        for module, tensors in rest.items():
             state.update(self.file_tensors(module, tensors))
-        return state
+        return {**state, **comfy_keys}
 
     def module_spellings(self, model: torch.nn.Module) -> dict[str, str]:
         """Other dotted names that files (other tools' LoRAs) use for the model's modules -> diffusers

@@ -147,15 +147,14 @@ class Chroma(ModelFamily):
         return unpack(tokens, h, w)
 
     def offset_tensors(self, model, offsets):
-        from ...adapters.comfyui import split_offsets, to_comfyui
+        from ...adapters.comfyui import to_comfyui
 
-        names = self.comfyui_names(model)
         # ComfyUI's Flux key map has no names for the approximator, so its offsets go under ComfyUI's generic
         # names (diffusion_model.<its module>), which its loader reads; diffusers reads no offsets at all
         approximator = {m: o for m, o in offsets.items() if m.startswith(APPROXIMATOR)}
-        rest, comfy_keys = split_offsets(model, names, {m: o for m, o in offsets.items() if m not in approximator})
-        own, _ = to_comfyui({}, approximator, "LoRA", names, {})
-        return {**super().offset_tensors(model, rest), **comfy_keys, **own}
+        own, _ = to_comfyui({}, approximator, "LoRA", self.comfyui_names(model), {})
+        rest = {m: o for m, o in offsets.items() if m not in approximator}
+        return {**super().offset_tensors(model, rest), **own}
 
     def comfyui_names(self, model):
         # ComfyUI's Chroma (comfy/ldm/chroma/model.py, Flux's blocks without their modulation linears); its

@@ -116,12 +116,6 @@ class Flux(ModelFamily):
     def base_model_version(self, model):
         return "flux1"  # kohya's value for FLUX.1 dev and schnell
 
-    def offset_tensors(self, model, offsets):
-        from ...adapters.comfyui import split_offsets
-
-        rest, comfy_keys = split_offsets(model, self.comfyui_names(model), offsets)
-        return {**super().offset_tensors(model, rest), **comfy_keys}
-
     def comfyui_names(self, model):
         # ComfyUI's Flux (comfy/ldm/flux/model.py), as its key maps name it; its RMSNorms hold "scale"
         from ...adapters.comfyui import renamed

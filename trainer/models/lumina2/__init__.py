@@ -138,12 +138,6 @@ class Lumina2(ModelFamily):
                 names.update(fused(model, f"{block}attention.qkv", [block + p for p in QKV]))
         return {k: v for k, v in names.items() if has_module(model, k)}
 
-    def offset_tensors(self, model, offsets):
-        from ...adapters.comfyui import split_offsets
-
-        rest, comfy_keys = split_offsets(model, self.comfyui_names(model), offsets)
-        return {**super().offset_tensors(model, rest), **comfy_keys}
-
     def file_tensors(self, module, tensors):
         if "lora_down.weight" in tensors:
             return peft_file_tensors(module, tensors, fold_alpha=True)

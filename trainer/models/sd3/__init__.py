@@ -125,12 +125,6 @@ class StableDiffusion3(ModelFamily):
             return "sd3.5_medium"
         return "sd3.5_large" if model.config.num_layers >= 38 else "sd3"
 
-    def offset_tensors(self, model, offsets):
-        from ...adapters.comfyui import split_offsets
-
-        rest, comfy_keys = split_offsets(model, self.comfyui_names(model), offsets)
-        return {**super().offset_tensors(model, rest), **comfy_keys}
-
     def comfyui_names(self, model):
         # ComfyUI's MMDiT (comfy/ldm/modules/diffusionmodules/mmdit.py), as its key maps name it
         from ...adapters.comfyui import fused, renamed
