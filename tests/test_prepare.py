@@ -337,7 +337,7 @@ def test_parameter_and_model_errors(tmp_path, images, pipeline, capsys):
         prepare(config(images, pipeline / "unet", tmp_path / "x"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(TrainerError, match="nothing to prepare .* no images or .latent files found"):
+    with pytest.raises(TrainerError, match="nothing to prepare .* no images, videos or .latent files found"):
         prepare(config(empty, pipeline, tmp_path / "x"))
 
 

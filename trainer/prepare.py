@@ -1,14 +1,19 @@
-"""``lora-prepare`` / ``python -m trainer.prepare``: a folder of images and captions (or ComfyUI
+"""``lora-prepare`` / ``python -m trainer.prepare``: a folder of images, videos and captions (or ComfyUI
 ``.latent`` files) to a latents dataset that ``--latents`` reads.
 
-1. :func:`scan` lists the inputs: png/jpg/webp images, captions from same-name ``.txt`` files or
-   ``metadata.jsonl``/``metadata.csv`` (``file_name``, ``text``), kohya-style ``N_name`` folders
-   (N repeats), ``.latent`` files; what cannot be used is reported with the reason.
-2. Each image goes to the aspect-ratio bucket of closest aspect ratio (:func:`make_buckets`) and is
-   resized and center-cropped to it only as needed.
-3. The model's own VAE and the family's text encoders (each family's ``encoding``, :class:`~trainer.models.base.FamilyEncoding`) encode the images
-   and captions in batches, each process its share (``accelerate launch``); every result lands in a
-   cache folder keyed by file, mtime and settings, so a rerun encodes only what is new.
+1. :func:`scan` lists the inputs: png/jpg/webp images, mp4/webm/mov/mkv/avi videos (video models only),
+   captions from same-name ``.txt`` files or ``metadata.jsonl``/``metadata.csv`` (``file_name``, ``text``),
+   kohya-style ``N_name`` folders (N repeats), ``.latent`` files; what cannot be used is reported with
+   the reason.
+2. Each image or video goes to the aspect-ratio bucket of closest aspect ratio (:func:`make_buckets`)
+   and is resized and center-cropped to it only as needed. A video also gets a frame count: the
+   longest of ``--frames`` that it covers at ``--fps``, taken from its start (:func:`frame_times`).
+3. The model's own VAE and the family's text encoders (each family's ``encoding``,
+   :class:`~trainer.models.base.FamilyEncoding`) encode the images, clips and captions in batches, each
+   process its share (``accelerate launch``); every result lands in a cache folder keyed by file, mtime
+   and settings, so a rerun encodes only what is new. Videos are decoded with PyAV (FFmpeg in its
+   wheel) and encoded one clip at a time with the VAE's tiling on (diffusers' ``enable_tiling``), so a
+   long or large clip needs the memory of one tile; video models' images become 1-frame clips.
 4. The main process writes one ``datasets`` dataset with ``save_to_disk``.
 """
 
@@ -42,6 +47,7 @@ if TYPE_CHECKING:  # torch takes seconds to import: only the encoding functions 
 logger = logging.getLogger("trainer.prepare")  # also when run as __main__
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 LATENT_SUFFIX = ".latent"
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 #: pipeline components loaded for encoding; the denoiser and everything else are left on disk
@@ -65,9 +71,10 @@ class PrepareConfig:
     """Parameters of ``lora-prepare``; each is a ``--flag`` of the same name (fields made by
     :func:`trainer.config._param`, flags by :func:`trainer.config.add_parameters`, as train.py's)."""
 
-    images: str = _param(MISSING, "folder of png/jpg/webp images and/or ComfyUI .latent files; captions "
-                         "in same-name .txt files or metadata.jsonl/metadata.csv (file_name, text); "
-                         "kohya-style N_name subfolders repeat their files N times")
+    images: str = _param(MISSING, "folder of png/jpg/webp images, mp4/webm/mov/mkv/avi videos (video models) "
+                         "and/or ComfyUI .latent files; captions in same-name .txt files or "
+                         "metadata.jsonl/metadata.csv (file_name, text); kohya-style N_name subfolders repeat "
+                         "their files N times")
     model: str = _param(MISSING, "diffusers pipeline folder (model_index.json) with vae/ and text encoders")
     output: str = _param(MISSING, "dataset folder to write (save_to_disk), for train.py --latents")
     resolution: int | None = _param(None, "bucket area at most RESOLUTION^2 pixels (default: the family's, "
@@ -84,6 +91,12 @@ class PrepareConfig:
     seed: int = _param(0, "seed of --sample_latents (each image's noise derives from it and the image)")
     positive: str | None = _param(None, "caption for files that have none (e.g. .latent files)")
     cache_dir: str | None = _param(None, "per-image encodings, kept for resuming (default: OUTPUT.cache)")
+    frames: str | None = _param(None, "video models: comma-separated frame counts a clip may have (each 1 + a "
+                                "multiple of the VAE's temporal factor, 4 for Wan and HunyuanVideo); each video "
+                                "becomes the longest clip it covers at --fps, from its start (default: the "
+                                "family's, 1,17,33,49,65,81 for Wan, 1,33,65,97,129 for HunyuanVideo)")
+    fps: float | None = _param(None, "video models: frame rate the clips are sampled at, dropping or repeating "
+                               "source frames (default: the family's, 16 for Wan, 24 for HunyuanVideo)")
 
     def __post_init__(self):
         for name in ("images", "model"):
@@ -103,10 +116,25 @@ class PrepareConfig:
             raise ConfigError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if Path(self.output).resolve() == Path(self.images).resolve():
             raise ConfigError("--output must not be the --images folder")
+        if self.fps is not None and not self.fps > 0:
+            raise ConfigError(f"--fps: expected a positive frame rate, got {self.fps}")
+        if self.frames is not None:
+            parse_frames(self.frames)  # a bad list is an error before anything is read
 
     @property
     def cache(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else Path(f"{self.output.rstrip('/')}.cache")
+
+
+def parse_frames(text: str) -> tuple[int, ...]:
+    """``--frames`` as sorted distinct counts."""
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"--frames: expected comma-separated frame counts like 1,17,33, got {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise ConfigError(f"--frames: expected frame counts of at least 1, got {text!r}")
+    return tuple(counts)
 
 
 # ----------------------------------------------------------------------------- buckets
@@ -142,6 +170,19 @@ def fit_plan(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[in
     return resized, ((resized[1] - bh) // 2, (resized[0] - bw) // 2)
 
 
+def clip_frames(counts: tuple[int, ...], fps: float, seconds: float, rate: float) -> int | None:
+    """The longest of ``counts`` whose frames, ``1 / fps`` apart from the video's start, all fall within a
+    video whose frames (``rate`` per second, 0 if unknown) cover ``seconds``; None if none does."""
+    last = seconds - (1 / rate if rate else 0.0)  # when the last frame starts
+    fitting = [n for n in counts if (n - 1) / fps <= last + 1e-6]
+    return max(fitting, default=None)
+
+
+def frame_times(count: int, fps: float) -> list[float]:
+    """Seconds from the video's start at which a clip of ``count`` frames at ``fps`` samples it."""
+    return [k / fps for k in range(count)]
+
+
 # ----------------------------------------------------------------------------- scanning
 
 
@@ -154,14 +195,17 @@ class Source:
     name: str
     caption: str
     repeats: int
-    kind: str  # "image" or "latent"
-    #: image: (width, height) as seen upright; .latent: (batch, channels, height, width)
+    kind: str  # "image", "video" or "latent"
+    #: image, video: (width, height) as seen upright; .latent: (batch, channels, [frames,] height, width)
     size: tuple[int, ...]
-    #: image only: bucket (width, height), size after resizing, crop (top, left)
+    #: image, video: bucket (width, height), size after resizing, crop (top, left)
     bucket: tuple[int, int] | None = None
     resized: tuple[int, int] | None = None
     crop: tuple[int, int] = (0, 0)
-    #: image only: name of its cached latents
+    #: video: frames of its clip and their rate; 1 for an image of a video model, 0 for an image model's
+    frames: int = 0
+    fps: float = 0.0
+    #: image, video: name of its cached latents
     key: str = ""
 
 
@@ -198,7 +242,7 @@ def scan(folder: Path, positive: str | None = None,
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts)
                    and not any(p.is_relative_to(x) for x in excluded))
     metadata, skipped = _read_metadata(folder, [p for p in files if p.name in METADATA_FILES])
-    inputs = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES + (LATENT_SUFFIX,)]
+    inputs = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES + (LATENT_SUFFIX,)]
     stems = {(p.parent, p.stem) for p in inputs}
     sources = []
     for path in files:
@@ -208,10 +252,11 @@ def scan(folder: Path, positive: str | None = None,
             continue
         if suffix == ".txt":
             if (path.parent, path.stem) not in stems:
-                skipped.append(Skipped(name, "caption without an image", "caption file without an image"))
+                skipped.append(Skipped(name, "caption without an image", "caption file without an image or video"))
             continue
         if path not in inputs:
-            skipped.append(Skipped(name, "unsupported", "not a png/jpg/webp image or a ComfyUI .latent file"))
+            skipped.append(Skipped(name, "unsupported", "not a png/jpg/webp image, an mp4/webm/mov/mkv/avi video "
+                                   "or a ComfyUI .latent file"))
             continue
         repeats, folder_caption = _repeats(path.relative_to(folder))
         if repeats == 0:
@@ -224,7 +269,7 @@ def scan(folder: Path, positive: str | None = None,
             caption = metadata[path]
         else:
             caption = folder_caption or positive or ""
-        kind = "latent" if suffix == LATENT_SUFFIX else "image"
+        kind = "latent" if suffix == LATENT_SUFFIX else "video" if suffix in VIDEO_SUFFIXES else "image"
         sources.append(Source(path, name, caption, repeats, kind, ()))
     missing = sorted(set(metadata) - set(inputs))
     skipped += [Skipped(p.relative_to(folder).as_posix(), "missing", "listed in a metadata file, not found")
@@ -263,7 +308,8 @@ def _read_metadata(folder: Path, files: list[Path]) -> tuple[dict[Path, str], li
 
 
 def plan(cfg: PrepareConfig, model: ModelInfo) -> Plan:
-    """Scan, read image sizes and .latent headers, and choose each image's bucket and crop."""
+    """Scan, read image sizes, video headers and .latent headers, and choose each image's or video's bucket
+    and crop (and a video's frame count)."""
     from PIL import Image, UnidentifiedImageError
 
     sources, skipped = scan(Path(cfg.images), cfg.positive, exclude=(Path(cfg.output), cfg.cache))
@@ -271,38 +317,52 @@ def plan(cfg: PrepareConfig, model: ModelInfo) -> Plan:
     if not buckets:
         raise ConfigError(f"--resolution {model.resolution} is below --bucket_step {model.bucket_step}")
     smallest = min(min(b) for b in buckets)
+    if any(src.kind == "video" for src in sources) and model.fps is not None:
+        _pyav()  # one clear line now rather than a skip per video
     result = Plan()
     for src in sources:
         try:
             if src.path.stat().st_size == 0:
                 raise _Skip("empty", "empty file")
             if src.kind == "latent":
-                src.size = _latent_header(src.path)
+                src.size = _latent_header(src.path, model.latent_ndim + 1)
                 reason = model.latent_problem(src.size)
                 if reason:
                     raise _Skip("does not fit the model", reason)
+                result.sources.append(src)
+                continue
+            if model.vae is None:
+                raise _Skip("no VAE", f"the model {cfg.model} has no VAE to encode images with")
+            if src.kind == "video":
+                if model.fps is None:
+                    raise _Skip("video for an image model", f"a video, but {model.family} is an image model")
+                width, height, seconds, rate = _probe_video(src.path)
+                frames = clip_frames(model.frames, model.fps, seconds, rate)
+                if frames is None:
+                    raise _Skip("too short", f"{seconds:.2f} s is shorter than the shortest clip, "
+                                f"{model.frames[0]} frames at {model.fps:g} fps; add a shorter count to --frames")
+                src.frames, src.fps = frames, model.fps
             else:
-                if model.vae is None:
-                    raise _Skip("no VAE", f"the model {cfg.model} has no VAE to encode images with")
                 with Image.open(src.path) as image:
                     width, height = image.size
                     if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # stored rotated by 90 degrees
                         width, height = height, width
-                if min(width, height) < smallest:
-                    raise _Skip("too small", f"{width}x{height} is smaller than the smallest bucket side "
-                                f"({smallest} px at resolution {model.resolution}); use a larger image or a "
-                                "lower --resolution")
-                src.size = (width, height)
-                src.bucket = closest_bucket(width, height, buckets)
-                src.resized, src.crop = fit_plan(width, height, src.bucket)
-                stat = src.path.stat()
-                src.key = _key(str(src.path.resolve()), stat.st_size, stat.st_mtime_ns, src.bucket,
-                               src.resized, src.crop, model.vae_stamp, cfg.dtype, cfg.sample_latents,
-                               cfg.seed if cfg.sample_latents else None)
+                src.frames = 1 if model.fps is not None else 0
+            if min(width, height) < smallest:
+                raise _Skip("too small", f"{width}x{height} is smaller than the smallest bucket side "
+                            f"({smallest} px at resolution {model.resolution}); use a larger {src.kind} or a "
+                            "lower --resolution")
+            src.size = (width, height)
+            src.bucket = closest_bucket(width, height, buckets)
+            src.resized, src.crop = fit_plan(width, height, src.bucket)
+            stat = src.path.stat()
+            src.key = _key(str(src.path.resolve()), stat.st_size, stat.st_mtime_ns, src.bucket,
+                           src.resized, src.crop, model.vae_stamp, cfg.dtype, cfg.sample_latents,
+                           cfg.seed if cfg.sample_latents else None, *((src.frames, src.fps) if src.frames else ()))
         except _Skip as e:
             result.skipped.append(Skipped(src.name, e.kind, str(e)))
             continue
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises all of these
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL and PyAV raise these
             result.skipped.append(Skipped(src.name, "unreadable", f"unreadable: {e}"))
             continue
         result.sources.append(src)
@@ -310,7 +370,40 @@ def plan(cfg: PrepareConfig, model: ModelInfo) -> Plan:
     return result
 
 
-def _latent_header(path: Path) -> tuple[int, ...]:
+def _pyav():
+    """PyAV, the video decoder (FFmpeg's libraries are in its wheel): an optional dependency."""
+    try:
+        import av
+    except ImportError:
+        raise TrainerError("reading videos needs PyAV: pip install av (or the project's [video] extra)") from None
+    return av
+
+
+def _probe_video(path: Path) -> tuple[int, int, float, float]:
+    """A video's (width, height) as shown (its rotation applied), the seconds its frames cover, and its frame
+    rate (0 when the file does not say), from its header and first frame."""
+    av = _pyav()
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise _Skip("unreadable", "no video stream in it")
+        stream = container.streams.video[0]
+        first = next(container.decode(stream), None)
+        if first is None:
+            raise _Skip("unreadable", "no frame could be decoded")
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        if stream.duration is not None and stream.time_base is not None:
+            seconds = float(stream.duration * stream.time_base)
+        elif container.duration:
+            seconds = container.duration / av.time_base
+        else:
+            seconds = stream.frames / rate if stream.frames and rate else 0.0
+        width, height = first.width, first.height
+        if first.rotation % 180:
+            width, height = height, width
+    return width, height, seconds, rate
+
+
+def _latent_header(path: Path, ndim: int) -> tuple[int, ...]:
     from safetensors import safe_open
 
     try:
@@ -322,9 +415,9 @@ def _latent_header(path: Path) -> tuple[int, ...]:
         raise
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
         raise _Skip("unreadable", f"unreadable .latent file: {e}") from None
-    if len(shape) != 4:
-        raise _Skip("does not fit the model", f"latent_tensor has shape {list(shape)}, expected "
-                    "[batch, channels, height, width]")
+    if len(shape) != ndim:
+        expected = "[batch, channels, frames, height, width]" if ndim == 5 else "[batch, channels, height, width]"
+        raise _Skip("does not fit the model", f"latent_tensor has shape {list(shape)}, expected {expected}")
     return shape
 
 
@@ -353,6 +446,12 @@ class ModelInfo:
     #: identities of the encoders' files: part of every cache key
     vae_stamp: str
     text_stamp: str
+    #: dims of a dataset row: 3 [C, H, W], or 4 [C, T, H, W] for video models
+    latent_ndim: int = 3
+    #: video models: the clips' frame rate and allowed frame counts; pixel frames per latent frame
+    fps: float | None = None
+    frames: tuple[int, ...] = ()
+    temporal_factor: int = 1
 
     @property
     def multiple(self) -> int:
@@ -375,6 +474,14 @@ class ModelInfo:
             return None
         return self.vae.get("latent_channels") or self.vae.get("z_dim")
 
+    def latent_shape(self, src: Source) -> tuple[int, ...]:
+        """The dataset row shape of an encoded image or video: [C, H, W], or [C, T, H, W] for video models."""
+        channels = self.latent_channels or 4
+        height, width = src.bucket[1] // self.vae_factor, src.bucket[0] // self.vae_factor
+        if self.latent_ndim == 3:
+            return channels, height, width
+        return channels, 1 + (src.frames - 1) // self.temporal_factor, height, width
+
     def latent_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why a .latent of this shape does not fit the model, or None."""
         if self.encoding.normalize_latents is not None:
@@ -384,14 +491,15 @@ class ModelInfo:
         if channels is not None and shape[1] != channels:
             return f"latent_tensor has {shape[1]} channels but the model's VAE makes {channels}"
         factor = self.multiple // self.vae_factor
-        if shape[2] % factor or shape[3] % factor:
-            return f"latent size {shape[2]}x{shape[3]} is not a multiple of {factor}, which the model needs"
+        height, width = shape[-2:]
+        if height % factor or width % factor:
+            return f"latent size {height}x{width} is not a multiple of {factor}, which the model needs"
         return None
 
 
 def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     """Read the pipeline folder's configs: family, VAE, bucket geometry. Raises TrainerError."""
-    from .models.base import detect_family, get_family, read_json, vae_scale_factor
+    from .models.base import detect_family, get_family, read_json, vae_scale_factor, vae_temporal_factor
 
     path = Path(cfg.model)
     if not (path / "model_index.json").is_file():
@@ -409,13 +517,21 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
     vae_file = path / "vae" / "config.json"
     vae = read_json(vae_file) if index.get("vae", [None])[0] is not None and vae_file.is_file() else None
     vae_factor = vae_scale_factor(vae)
-    if family.latent_ndim != 3:
-        raise TrainerError(f"--model: {path} is a {family.name} video model; lora-prepare encodes images for image "
-                           "models only so far (encode video latents [C, T, H, W] with the pipeline's VAE)")
     encoding = family.encoding
     info = ModelInfo(path, family.name, encoding, denoiser, config, vae, vae_factor,
                      cfg.resolution or encoding.resolution, 0, _stamp(path, ("vae",)),
-                     _stamp(path, [c for c in ENCODER_COMPONENTS if c != "vae"]))
+                     _stamp(path, [c for c in ENCODER_COMPONENTS if c != "vae"]), latent_ndim=family.latent_ndim)
+    if family.latent_ndim == 4:
+        info.fps, info.temporal_factor = cfg.fps or encoding.fps, vae_temporal_factor(vae)
+        info.frames = parse_frames(cfg.frames) if cfg.frames else encoding.frames
+        wrong = [n for n in info.frames if (n - 1) % info.temporal_factor]
+        if wrong:
+            raise ConfigError(f"--frames: {', '.join(map(str, wrong))} frames cannot be encoded by this VAE: a clip "
+                              f"has 1 + a multiple of {info.temporal_factor} frames (e.g. 1, "
+                              f"{1 + 4 * info.temporal_factor}, {1 + 8 * info.temporal_factor})")
+    elif cfg.frames is not None or cfg.fps is not None:
+        raise ConfigError(f"--{'frames' if cfg.frames is not None else 'fps'}: {family.name} is an image model; "
+                          "--frames and --fps apply to video models")
     multiple = info.multiple
     info.bucket_step = cfg.bucket_step or multiple * math.ceil(64 / multiple)
     if info.bucket_step % multiple:
@@ -448,6 +564,10 @@ def load_encoders(model: ModelInfo, dtype: torch.dtype, device: torch.device):
     pipe.to(device)
     if pipe.vae is not None and dtype == torch.float16 and pipe.vae.config.get("force_upcast"):
         pipe.vae.to(torch.float32)  # this VAE overflows in fp16 (SD 1.x/SDXL): diffusers upcasts it too
+    if pipe.vae is not None and model.latent_ndim == 4:
+        # a clip is encoded in spatial (and, by HunyuanVideo's VAE, temporal) tiles once it is larger than one
+        # tile: the memory of one tile for any clip size (Wan's causal VAE also runs 4 frames at a time)
+        pipe.vae.enable_tiling()
     return pipe
 
 
@@ -477,14 +597,12 @@ class Cache:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def _pixels(src: Source) -> torch.Tensor:
-    import torch
-    """The image, upright, resized and cropped to its bucket, as [3, H, W] in [-1, 1]."""
+def _fit(image, src: Source) -> torch.Tensor:
+    """An upright RGB PIL image of ``src.size``, resized and cropped to its bucket, as [3, H, W] in [-1, 1]."""
     import numpy as np
-    from datasets import Image as ImageFeature
+    import torch
     from PIL import Image
 
-    image = ImageFeature(mode="RGB").decode_example({"path": str(src.path), "bytes": None})
     if image.size != src.size:
         raise ValueError(f"decoded as {image.size[0]}x{image.size[1]}, its header said "
                          f"{src.size[0]}x{src.size[1]}")
@@ -496,10 +614,66 @@ def _pixels(src: Source) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
-                  cfg: PrepareConfig) -> list[Skipped]:
-    """Encode one batch (one bucket) with the VAE into the cache; returns images that failed to decode.
-    Call under ``torch.no_grad()``."""
+def _pixels(src: Source) -> torch.Tensor:
+    """The image as [3, H, W] (an image model's) or [3, 1, H, W] (a 1-frame clip of a video model's)."""
+    from datasets import Image as ImageFeature
+
+    pixels = _fit(ImageFeature(mode="RGB").decode_example({"path": str(src.path), "bytes": None}), src)
+    return pixels.unsqueeze(1) if src.frames else pixels
+
+
+def _clip_pixels(src: Source) -> torch.Tensor:
+    """The video's clip, ``src.frames`` frames at ``src.fps`` from its start, as [3, F, H, W]. Each sampled
+    instant takes the frame on screen then (by the frames' timestamps, so variable frame rates are kept in
+    time), decoded in order and resized as it comes: only the clip's frames are held."""
+    import torch
+
+    av = _pyav()
+    times, clip = frame_times(src.frames, src.fps), []
+    with av.open(str(src.path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # FFmpeg's frame and slice threads
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        shown, shown_pixels, start, t = None, None, None, 0.0
+
+        def take():
+            nonlocal shown_pixels
+            if shown_pixels is None:
+                image = shown.to_image()
+                shown_pixels = _fit(image.rotate(shown.rotation, expand=True) if shown.rotation else image, src)
+            clip.append(shown_pixels)
+
+        for index, frame in enumerate(container.decode(stream)):
+            t = frame.time if frame.time is not None else index / (rate or src.fps)
+            start = t if start is None else start
+            t -= start
+            while shown is not None and len(clip) < len(times) and times[len(clip)] < t - 1e-6:
+                take()
+            if len(clip) == len(times):
+                break
+            shown, shown_pixels = frame, None
+        # the last frame stays on screen for one frame's duration
+        end = t + (1 / rate if rate else 0.0)
+        while shown is not None and len(clip) < len(times) and times[len(clip)] < end + 1e-6:
+            take()
+    if len(clip) < len(times):
+        raise ValueError(f"decoded {end:.2f} s of video, {src.frames} frames at {src.fps:g} fps need "
+                         f"{times[-1]:.2f} s")
+    return torch.stack(clip, dim=1)
+
+
+@dataclass
+class Decoding:
+    """Video frames decoded (and resized) and the seconds it took."""
+
+    frames: int = 0
+    seconds: float = 0.0
+
+
+def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo, cfg: PrepareConfig,
+                  decoding: Decoding | None = None) -> list[Skipped]:
+    """Encode one batch (images of one bucket, or one video) with the VAE into the cache; returns the files
+    that failed to decode. Video decoding is counted in ``decoding``. Call under ``torch.no_grad()``."""
     import torch
 
     from .data import mix_seed
@@ -508,7 +682,14 @@ def encode_images(pipe, sources: list[Source], cache: Cache, model: ModelInfo,
     pixels, done, failed = [], [], []
     for src in sources:
         try:
-            pixels.append(_pixels(src))
+            if src.kind == "video":
+                started = time.perf_counter()
+                pixels.append(_clip_pixels(src))
+                if decoding is not None:
+                    decoding.frames += src.frames
+                    decoding.seconds += time.perf_counter() - started
+            else:
+                pixels.append(_pixels(src))
             done.append(src)
         except Exception as e:
             failed.append(Skipped(src.name, "unreadable", f"unreadable: {type(e).__name__}: {e}"))
@@ -559,12 +740,15 @@ class PrepareResult:
 
     output: Path
     rows: int
-    #: rows per latent shape ``(C, H, W)``
+    #: rows per latent shape ``(C, H, W)`` or ``(C, T, H, W)``
     shapes: dict[tuple[int, ...], int]
     skipped: list[Skipped]
-    #: images encoded by this run (not found in the cache), over all processes
+    #: images and videos encoded by this run (not found in the cache), over all processes
     encoded: int
     encode_seconds: float
+    #: video frames decoded by this run and the seconds it took (the slowest process)
+    decoded_frames: int = 0
+    decode_seconds: float = 0.0
 
 
 def prepare(cfg: PrepareConfig) -> PrepareResult | None:
@@ -587,17 +771,19 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     cache = Cache(cfg.cache)
     text_keys = {caption: _key(caption, model.family, model.text_stamp, cfg.dtype)
                  for caption in dict.fromkeys(src.caption for src in work.sources)}
-    todo_images = [s for s in work.sources if s.kind == "image" and not cache.latents(s.key).is_file()]
+    todo_images = [s for s in work.sources if s.kind != "latent" and not cache.latents(s.key).is_file()]
     todo_text = [c for c, key in text_keys.items() if not cache.text(key).is_file()]
     state.wait_for_everyone()  # every process has seen the cache as it was before anyone writes to it
 
     # batches are formed globally, then dealt out: an image is encoded in the same batch on any number
     # of processes, so the result does not depend on the split
     mine = slice(state.process_index, None, state.num_processes)
-    image_batches = _batches(todo_images, cfg.batch_size, lambda s: s.bucket)[mine]
+    image_batches = (_batches([s for s in todo_images if s.kind == "image"], cfg.batch_size, lambda s: s.bucket)
+                     + [[s] for s in todo_images if s.kind == "video"])[mine]  # a clip is a batch of its frames
     text_batches = _batches(todo_text, cfg.batch_size)[mine]
     failed: list[Skipped] = []
     seconds = 0.0  # spent encoding images
+    decoding = Decoding()
     if image_batches or text_batches:
         pipe = load_encoders(model, DTYPES[cfg.dtype], state.device)
         bar = tqdm(total=sum(map(len, image_batches)) + sum(map(len, text_batches)), desc="encoding",
@@ -605,7 +791,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
         started = time.perf_counter()
         with torch.no_grad():
             for batch in image_batches:
-                failed += encode_images(pipe, batch, cache, model, cfg)
+                failed += encode_images(pipe, batch, cache, model, cfg, decoding)
                 bar.update(len(batch))
             seconds = time.perf_counter() - started
             for batch in text_batches:
@@ -615,11 +801,14 @@ def prepare(cfg: PrepareConfig) -> PrepareResult | None:
     if state.num_processes > 1:
         failed = gather_object(failed)
         seconds = max(gather_object([seconds]))
+        decodings = gather_object([decoding])
+        decoding = Decoding(sum(d.frames for d in decodings), max(d.seconds for d in decodings))
     encoded = len(todo_images) - len(failed)
     result = None
     if state.is_main_process:
         result = write_dataset(cfg, model, work, cache, text_keys, failed)
         result.encoded, result.encode_seconds = encoded, seconds
+        result.decoded_frames, result.decode_seconds = decoding.frames, decoding.seconds
     state.wait_for_everyone()
     return result
 
@@ -639,20 +828,22 @@ def write_dataset(cfg: PrepareConfig, model: ModelInfo, work: Plan, cache: Cache
     text = load_file(str(cache.text(text_keys[sources[0].caption])))
     shapes: Counter = Counter()
     for src in sources:
-        if src.kind == "image":
-            channels = model.latent_channels or 4
-            shape = (channels, src.bucket[1] // model.vae_factor, src.bucket[0] // model.vae_factor)
-            shapes[shape] += src.repeats
-        else:
+        if src.kind == "latent":
             shapes[tuple(src.size[1:])] += src.size[0] * src.repeats
+        else:
+            shapes[model.latent_shape(src)] += src.repeats
+    ndim = model.latent_ndim
+    nested = datasets.Value(store)
+    for _ in range(ndim):
+        nested = datasets.List(nested)
     pair = datasets.List(datasets.Value("int32"), length=2)
     features = {
-        "latents": datasets.Array3D(next(iter(shapes)), store) if len(shapes) == 1
-        else datasets.List(datasets.List(datasets.List(datasets.Value(store)))),
+        "latents": (datasets.Array3D if ndim == 3 else datasets.Array4D)(next(iter(shapes)), store)
+        if len(shapes) == 1 else nested,
         **{name: _feature(value, store) for name, value in text.items()},
-        # each row's [C, H, W]: the trainer finds the buckets from this small column instead of
-        # reading the latents' nested lists (trainer.data.SHAPE_COLUMN)
-        "latent_shape": datasets.List(datasets.Value("int32"), length=3),
+        # each row's [C, H, W] (or [C, T, H, W]): the trainer finds the buckets from this small column
+        # instead of reading the latents' nested lists (trainer.data.SHAPE_COLUMN)
+        "latent_shape": datasets.List(datasets.Value("int32"), length=ndim),
         "caption": datasets.Value("string"),
         "file_name": datasets.Value("string"),
         # SDXL's time ids (trainer.models.sdxl): source (height, width), crop (top, left), bucket size
@@ -698,13 +889,13 @@ def _rows(rows, cache_root, text_keys, scale, vae_factor, store):
     for path, name, caption, repeats, kind, size, key, bucket, crop in rows:
         conditioning = {k: v.float().numpy().astype(dtype) for k, v in
                         load_file(str(cache.text(text_keys[caption]))).items()}
-        if kind == "image":
+        if kind != "latent":
             latents = [load_file(str(cache.latents(key)))["latents"].float()]
             sizes = dict(original_size=[size[1], size[0]], crop_coords=crop,
                          target_size=[bucket[1], bucket[0]])
         else:
             latents = list(_comfy_latents(Path(path), scale))
-            pixels = [size[2] * vae_factor, size[3] * vae_factor]
+            pixels = [size[-2] * vae_factor, size[-1] * vae_factor]
             sizes = dict(original_size=pixels, crop_coords=[0, 0], target_size=pixels)
         for tensor in latents:
             row = {"latents": tensor.numpy().astype(dtype), "latent_shape": list(tensor.shape), **conditioning,
@@ -739,7 +930,7 @@ def _replace(new: Path, target: Path) -> None:
 
 def _skip_summary(skipped: list[Skipped]) -> str:
     if not skipped:
-        return "no images or .latent files found"
+        return "no images, videos or .latent files found"
     kinds = Counter(s.kind for s in skipped)
     return f"{len(skipped)} skipped (" + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()) + ")"
 
@@ -748,8 +939,8 @@ def _skip_summary(skipped: list[Skipped]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="lora-prepare", description="Encode a folder of images and captions (or ComfyUI "
-                     ".latent files) into a latents dataset for train.py --latents.")
+    parser = OneLineParser(prog="lora-prepare", description="Encode a folder of images, videos and captions (or "
+                     "ComfyUI .latent files) into a latents dataset for train.py --latents.")
     add_parameters(parser, fields(PrepareConfig), typed=True)
     return parser
 
@@ -779,10 +970,15 @@ def report(result: PrepareResult) -> None:
     for s in result.skipped:
         logger.warning("skipped %s: %s", s.name, s.reason)
     shapes = ", ".join(f"{'x'.join(map(str, shape))}: {n}" for shape, n in sorted(result.shapes.items()))
-    speed = f" ({result.encoded / result.encode_seconds:.1f} images/s)" if result.encode_seconds else ""
+    what, decoded = "images", ""
+    if result.decoded_frames:
+        what = "images and videos"
+        decoded = (f", {result.decoded_frames} video frames decoded at "
+                   f"{result.decoded_frames / max(result.decode_seconds, 1e-9):.0f} frames/s")
+    speed = f" ({result.encoded / result.encode_seconds:.1f} {what}/s)" if result.encode_seconds else ""
     skipped = _skip_summary(result.skipped) if result.skipped else "nothing skipped"
     print(f"wrote {result.rows} rows to {result.output} (latent shapes {shapes}); encoded {result.encoded} "
-          f"new images{speed}; {skipped}")
+          f"new {what}{speed}{decoded}; {skipped}")
 
 
 if __name__ == "__main__":

@@ -84,9 +84,23 @@ def vae_scale_factor(vae_config: dict | None) -> int:
     downsampler between each pair of blocks); 8 without a VAE config."""
     if vae_config is None:
         return 8
+    for name in ("scale_factor_spatial", "spatial_compression_ratio"):  # video VAEs that say it (Wan, HunyuanVideo)
+        if vae_config.get(name):
+            return int(vae_config[name])
     if "temperal_downsample" in vae_config:  # video VAEs (Qwen-Image, Wan): one spatial halving per entry
         return 2 ** len(vae_config["temperal_downsample"])
     return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
+def vae_temporal_factor(vae_config: dict | None) -> int:
+    """Pixel frames per latent frame after the first of a video VAE (4 for Wan's and HunyuanVideo's: 1 + 4k
+    frames make 1 + k latent frames), from its ``config.json``; 1 for image VAEs."""
+    if vae_config is None:
+        return 1
+    for name in ("scale_factor_temporal", "temporal_compression_ratio"):
+        if vae_config.get(name):
+            return int(vae_config[name])
+    return 2 ** sum(bool(x) for x in vae_config.get("temperal_downsample", ()))
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,16 @@ class FamilyEncoding:
     #: normalisation lives in its weights rather than in its config (Flux.2's batch-norm statistics);
     #: None: :func:`scale_latents` with ``vae_normalisation`` or ``scaling_factor``/``shift_factor``
     normalize_latents: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    #: video families: the frame rate the model was trained at, ``lora-prepare``'s default ``--fps``
+    fps: float | None = None
+    #: video families: ``lora-prepare``'s default ``--frames`` (pixel frames a clip may have, shortest first)
+    frames: tuple[int, ...] = ()
+
+
+def per_channel_normalisation(vae_config: dict) -> tuple[list[float], list[float]]:
+    """(scale, shift) per channel from a VAE config with ``latents_mean`` / ``latents_std`` (Wan's VAEs,
+    Qwen-Image's): the denoiser sees ``(z - mean) / std``."""
+    return [1.0 / s for s in vae_config["latents_std"]], list(vae_config["latents_mean"])
 
 
 def scale_latents(latents: torch.Tensor, scale: Any, shift: Any) -> torch.Tensor:

@@ -47,6 +47,7 @@ from ..base import (
     ModelFamily,
     denoiser_keys,
     has_checkpoint_key,
+    per_channel_normalisation,
     read_json,
     register_family,
 )
@@ -78,11 +79,6 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     b, _, features = tokens.shape
     patches = tokens.view(b, height // 2, width // 2, features // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return patches.reshape(b, features // 4, height, width)
-
-
-def vae_normalisation(vae_config: dict) -> tuple[list[float], list[float]]:
-    """(scale, shift) per channel from the VAE config: the denoiser sees ``(z - mean) / std``."""
-    return [1.0 / s for s in vae_config["latents_std"]], list(vae_config["latents_mean"])
 
 
 def encode_pixels(vae, pixels: torch.Tensor):
@@ -121,7 +117,7 @@ class QwenImage(ModelFamily):
     # 2x2 patches; the VAE's per-channel statistics replace a single scaling factor
     encoding = FamilyEncoding(1024, lambda config: config.get("patch_size", 2), encode_text,
                               latent_scale=([1.0 / s for s in LATENTS_STD], list(LATENTS_MEAN)),
-                              vae_normalisation=vae_normalisation, encode_pixels=encode_pixels)
+                              vae_normalisation=per_channel_normalisation, encode_pixels=encode_pixels)
 
     def matches(self, config):
         return config.get("_class_name") == "QwenImageTransformer2DModel"

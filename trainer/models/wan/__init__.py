@@ -40,7 +40,7 @@ from diffusers import WanTransformer3DModel
 
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
-from ..base import FamilyEncoding, ModelFamily, read_json, register_family
+from ..base import FamilyEncoding, ModelFamily, per_channel_normalisation, read_json, register_family
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,12 @@ class Wan(ModelFamily):
     conditioning = {"prompt_embeds": 2}
     latent_ndim = 4
     # the Wan 2.1 VAE's per-channel normalisation (also Wan 2.2 A14B's VAE): ComfyUI LATENTs hold raw latents
+    # lora-prepare: the VAE config's own statistics (16 or 48 channels); clips at Wan's 16 fps, at most its
+    # native 81 frames (5 s)
     encoding = FamilyEncoding(480, lambda config: config["patch_size"][-1], encode_text,
-                              latent_scale=(tuple(1 / s for s in VAE_STD), VAE_MEAN))
+                              latent_scale=(tuple(1 / s for s in VAE_STD), VAE_MEAN),
+                              vae_normalisation=per_channel_normalisation, fps=16.0,
+                              frames=(1, 17, 33, 49, 65, 81))
 
     def matches(self, config):
         return config.get("_class_name") == "WanTransformer3DModel"
