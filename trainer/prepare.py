@@ -634,6 +634,9 @@ def _clip_pixels(src: Source) -> torch.Tensor:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # FFmpeg's frame and slice threads
         rate = float(stream.average_rate or stream.guessed_rate or 0)
+        # timestamps are rounded by the container (to 1 ms in mkv and webm): a frame counts as on screen from a
+        # quarter of a frame before its timestamp
+        early = 0.25 / (rate or src.fps)
         shown, shown_pixels, start, t = None, None, None, 0.0
 
         def take():
@@ -647,14 +650,14 @@ def _clip_pixels(src: Source) -> torch.Tensor:
             t = frame.time if frame.time is not None else index / (rate or src.fps)
             start = t if start is None else start
             t -= start
-            while shown is not None and len(clip) < len(times) and times[len(clip)] < t - 1e-6:
+            while shown is not None and len(clip) < len(times) and times[len(clip)] < t - early:
                 take()
             if len(clip) == len(times):
                 break
             shown, shown_pixels = frame, None
         # the last frame stays on screen for one frame's duration
         end = t + (1 / rate if rate else 0.0)
-        while shown is not None and len(clip) < len(times) and times[len(clip)] < end + 1e-6:
+        while shown is not None and len(clip) < len(times) and times[len(clip)] < end - early:
             take()
     if len(clip) < len(times):
         raise ValueError(f"decoded {end:.2f} s of video, {src.frames} frames at {src.fps:g} fps need "
