@@ -134,6 +134,25 @@ def test_existing_lora_reads_our_file_back_and_continues(trained, tmp_path):
     assert res.steps == 5
 
 
+def test_node_targets_offsets_keep_adapter_names_and_diffusers_loads_the_adapter(tmp_path):
+    """Offsets (--target_modules node) stay under lora_transformer_ names in the default layout, fused layers'
+    too: diffusers' loader skips them and loads the adapter, and --existing_lora reads them back."""
+    from safetensors.torch import load_file
+
+    res = train_lora(tiny_hunyuan(), hunyuan_dataset(), target_modules="node", output_dir=str(tmp_path), batch_size=2,
+                     **FAST)
+    tensors = load_file(str(res.lora_path))
+    offsets = [k for k in tensors if k.endswith((".diff", ".diff_b"))]
+    assert "lora_transformer_transformer_blocks_0_attn_to_q.diff_b" in offsets
+    assert all(k.startswith("lora_transformer_") for k in offsets)
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(str(res.lora_path))
+    assert (denoiser_output(pipe.transformer) - denoiser_output(tiny_hunyuan())).abs().max() > 1e-4
+    existing = read_existing_adapter(res.lora_path, tiny_hunyuan(), get_family("hunyuan_video"))
+    torch.testing.assert_close(existing.deltas["transformer_blocks.0.attn.to_q"]["diff_b"],
+                               tensors["lora_transformer_transformer_blocks_0_attn_to_q.diff_b"])
+
+
 @pytest.fixture(scope="module")
 def trained_comfyui(tmp_path_factory):
     out = tmp_path_factory.mktemp("hunyuan_comfyui")

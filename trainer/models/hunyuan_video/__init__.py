@@ -150,6 +150,15 @@ class HunyuanVideo(ModelFamily):
                               "lora_unet_" + part.module.replace(".", "_"): part.module})
         return spellings
 
+    def offset_tensors(self, model, offsets):
+        # the default layout is diffusers' names, of which ComfyUI reads none for HunyuanVideo: every offset keeps
+        # file_tensors' names (lora_transformer_...), which diffusers' loader skips while loading the adapter;
+        # ComfyUI's names for fused layers' offsets would make it refuse the file (--file_layout comfyui has them)
+        state = {}
+        for module, tensors in offsets.items():
+            state.update(self.file_tensors(module, tensors))
+        return state
+
     def file_tensors(self, module, tensors):
         if "lora_down.weight" in tensors:
             return peft_file_tensors(module, tensors, fold_alpha=True)
