@@ -203,6 +203,7 @@ def _from_comfyui_names(tensors: dict[str, torch.Tensor], metadata: dict[str, st
     ``--file_layout comfyui``) as diffusers module names: fused projections split, swapped rows restored."""
     from .comfyui import FUSED_RANKS, from_comfyui
 
+    tensors = _respell(tensors, family.comfyui_spellings(model))
     if not any(k.removeprefix("model.").startswith("diffusion_model.") for k in tensors):
         return tensors
     try:
@@ -213,6 +214,29 @@ def _from_comfyui_names(tensors: dict[str, torch.Tensor], metadata: dict[str, st
             if name in names and isinstance(getattr(module, "weight", None), torch.Tensor)}
     fused_ranks = _json(metadata.get(FUSED_RANKS))
     return from_comfyui(tensors, names, rows, fused_ranks if isinstance(fused_ranks, dict) else None)
+
+
+#: peft's tensor names -> the names ComfyUI-named keys are read with
+_PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def _respell(tensors: dict[str, torch.Tensor], spellings: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Keys whose module part is another tool's spelling of a ComfyUI module (``spellings``, the family's
+    :meth:`comfyui_spellings`) as ``diffusion_model.<ComfyUI module>.<tensor>``, peft's ``lora_A/B`` as
+    ``lora_down/up``; other keys as they are."""
+    if not spellings:
+        return tensors
+    out = {}
+    for key, tensor in tensors.items():
+        parts = key.split(".")
+        module = next((m for m in (".".join(parts[:cut]) for cut in range(len(parts) - 1, 0, -1)) if m in spellings),
+                      None)
+        if module is None:
+            out[key] = tensor
+            continue
+        name = key[len(module) + 1:]
+        out[f"diffusion_model.{spellings[module]}.{_PEFT_TO_KOHYA.get(name, name)}"] = tensor
+    return out
 
 
 def _adapter_file(path: Path) -> Path:

@@ -261,6 +261,12 @@ class ModelFamily(ABC):
         module path, beyond the model's own names (SD/SDXL: the original LDM UNet's names)."""
         return {}
 
+    def comfyui_spellings(self, model: torch.nn.Module) -> dict[str, str]:
+        """Other tools' spellings of ComfyUI's module names in LoRA file keys (the key without its tensor name,
+        e.g. diffusion-pipe's ``transformer.double_blocks.0.img_attn_qkv``) -> ComfyUI module path, for
+        ``--existing_lora``: such keys are read as ComfyUI's own (fused layers split); by default none."""
+        return {}
+
     def comfyui_extra_columns(self, extra: dict) -> dict[str, torch.Tensor]:
         """Conditioning columns taken from the extras of one ComfyUI CONDITIONING entry (``extra``: its
         dict) besides ``prompt_embeds`` and ``pooled_prompt_embeds``; by default none."""

@@ -1,6 +1,6 @@
 """What the Flux-style transformers share (FLUX.1, Chroma): 2x2 latent patches as tokens with
-(0, row, column) position ids, and ComfyUI's names of their double and single blocks. Not a family: a
-module families import."""
+(0, row, column) position ids, and ComfyUI's names of their double and single blocks (which HunyuanVideo's
+blocks share too). Not a family: a module families import."""
 
 from __future__ import annotations
 
