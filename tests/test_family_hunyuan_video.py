@@ -284,3 +284,22 @@ def test_mask_length_must_match_the_tokens():
     data = data.add_column("prompt_attention_mask", [[1.0] * 4] * len(data))
     with pytest.raises(TrainerError, match="prompt_attention_mask has 4 tokens but prompt_embeds has 8"):
         train_lora(tiny_hunyuan(), data, **FAST)
+
+
+def test_loha_and_lokr_leave_the_conv3d_patch_embedding_out(tmp_path, caplog):
+    """peft's LoHa and LoKr layers have no Conv3d: ``all`` leaves the patch embedding out (saying so), a list
+    naming it is one line."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        res = train_lora(tiny_hunyuan(), hunyuan_dataset(), algorithm="LoHa", output_dir=str(tmp_path / "loha"),
+                         batch_size=2, **FAST)
+    layers = adapter_layers(res.model_with_lora)
+    assert "x_embedder.proj" not in layers and "proj_out" in layers
+    assert "LoHa cannot adapt x_embedder.proj, left out" in caplog.text
+    with pytest.raises(TrainerError, match=r"--target_modules: LoKr cannot adapt Conv3d layers like x_embedder.proj"):
+        train_lora(tiny_hunyuan(), hunyuan_dataset(), algorithm="LoKr", target_modules="x_embedder.proj,to_q",
+                   output_dir=str(tmp_path / "lokr"), batch_size=2, **FAST)
+    res = train_lora(tiny_hunyuan(), hunyuan_dataset(), algorithm="LoRA", target_modules="x_embedder.proj",
+                     output_dir=str(tmp_path / "lora"), batch_size=2, **FAST)
+    assert list(adapter_layers(res.model_with_lora)) == ["x_embedder.proj"]

@@ -436,7 +436,8 @@ def _attach(cfg: TrainConfig, loaded: LoadedModel, data: TrainingData | StreamDa
     the algorithm, rank, alpha and the steps already done)."""
     family, denoiser = loaded.family, loaded.denoiser
     targets, train_offsets = resolve_targets(cfg.target_modules, family.default_targets, denoiser,
-                                             family.all_targets_leave_out)
+                                             family.all_targets_leave_out, cfg.algorithm,
+                                             get_algorithm(cfg.algorithm).layer_types)
     attach = dict(rank=cfg.rank, alpha=float(cfg.rank) if cfg.alpha is None else cfg.alpha, targets=targets)
     algorithm_name, existing = cfg.algorithm, None
     if cfg.existing_lora is not None:

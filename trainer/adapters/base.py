@@ -40,6 +40,9 @@ class Algorithm:
     tensors: ClassVar[tuple[str, ...]]
     #: what one module needs to be complete: alternatives separated by "|", tensors needed together by "+"
     required: ClassVar[tuple[str, ...]]
+    #: the layer types its peft layers adapt
+    layer_types: ClassVar[tuple[type[torch.nn.Module], ...]] = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d,
+                                                              torch.nn.Conv3d)
 
     def peft_config(self, rank: int, alpha: float, targets: list[str], rank_pattern: dict[str, int] | None = None,
                     alpha_pattern: dict[str, float] | None = None) -> PeftConfig:

@@ -21,6 +21,8 @@ FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 class LoHa(Algorithm):
     name = "LoHa"
     network_module = "lycoris.kohya"
+    # peft's layers for it have no 3-D convolution (video models' patch embeddings stay untrained)
+    layer_types = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
     tensors = (*FACTORS, "hada_t1", "hada_t2")  # t1/t2: LyCORIS' Tucker convolutions (read, refused)
     required = FACTORS
 

@@ -32,6 +32,8 @@ FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2
 class LoKr(Algorithm):
     name = "LoKr"
     network_module = "lycoris.kohya"
+    # peft's layers for it have no 3-D convolution (video models' patch embeddings stay untrained)
+    layer_types = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
     tensors = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
     # each Kronecker factor full or as a low-rank pair
     required = ("lokr_w1|lokr_w1_a+lokr_w1_b", "lokr_w2|lokr_w2_a+lokr_w2_b")

@@ -16,6 +16,7 @@ node's ``W + diff`` with no extra layer in the forward pass, so gradient checkpo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -24,15 +25,17 @@ from torch import nn
 
 from ..errors import TrainerError
 
+logger = logging.getLogger(__name__)
+
 #: the named target sets of ``--target_modules``
 TARGET_SETS = ("all", "node", "attention")
-#: layers that take an adapter under ``all``: peft adapts these for every algorithm here
+#: layers that take an adapter under ``all`` (LoHa and LoKr: not Conv3d, see ``Algorithm.layer_types``)
 ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def adaptable_modules(model: nn.Module) -> list[str]:
-    """Module paths of every Linear/Conv layer of ``model`` (peft's own layers are not counted)."""
-    return [name for name, module in base_modules(model).items() if isinstance(module, ADAPTABLE)]
+def adaptable_modules(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = ADAPTABLE) -> list[str]:
+    """Module paths of every layer of ``model`` of these types (peft's own layers are not counted)."""
+    return [name for name, module in base_modules(model).items() if isinstance(module, layer_types)]
 
 
 def base_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -49,22 +52,35 @@ def base_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-def resolve_targets(spec: str, default_targets: tuple[str, ...], model: nn.Module,
-                    leave_out: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+def resolve_targets(spec: str, default_targets: tuple[str, ...], model: nn.Module, leave_out: tuple[str, ...] = (),
+                    algorithm: str = "LoRA", layer_types: tuple[type[nn.Module], ...] = ADAPTABLE
+                    ) -> tuple[list[str], bool]:
     """(peft target names, whether the node's offsets are trained) for a ``--target_modules`` value;
-    ``leave_out``: module paths that ``all`` / ``node`` do not adapt (the family's loaders cannot read them)."""
+    ``leave_out``: module paths that ``all`` / ``node`` do not adapt (the family's loaders cannot read them);
+    ``layer_types``: the layers ``algorithm`` can adapt (others are left out of ``all`` / ``node``, whose
+    offsets then cover their weights, and refused by name in a list)."""
     if spec.strip().lower() in TARGET_SETS:
         spec = spec.strip().lower()
     if spec in ("all", "node"):
-        targets = [name for name in adaptable_modules(model) if name not in leave_out]
+        targets = [name for name in adaptable_modules(model, layer_types) if name not in leave_out]
         if not targets:
             raise TrainerError(f"--target_modules {spec}: the model has no Linear or Conv layer")
+        other = sorted(set(adaptable_modules(model)) - set(targets) - set(leave_out))
+        if other:
+            logger.info("--target_modules %s: %s cannot adapt %s, left out%s", spec, algorithm, ", ".join(other),
+                        " (trained as full offsets)" if spec == "node" else "")
         return targets, spec == "node"
     if spec == "attention":
-        return list(default_targets), False
-    targets = [t.strip() for t in spec.split(",") if t.strip()]
+        targets = list(default_targets)
+    else:
+        targets = [t.strip() for t in spec.split(",") if t.strip()]
     if not targets:
         raise TrainerError("--target_modules: expected all, node, attention or a comma list of module names")
+    for name, module in base_modules(model).items():  # as peft matches a name: the whole path or its end
+        if any(name == t or name.endswith("." + t) for t in targets) and isinstance(module, ADAPTABLE) \
+                and not isinstance(module, layer_types):
+            raise TrainerError(f"--target_modules: {algorithm} cannot adapt {type(module).__name__} layers like "
+                               f"{name}; leave it out, or use LoRA or OFT")
     return targets, False
 
 
