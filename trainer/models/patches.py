@@ -29,6 +29,18 @@ def image_ids(rows: int, cols: int, device=None) -> torch.Tensor:
     return grid.reshape(rows * cols, 3)
 
 
+#: ComfyUI's names (comfy/ldm/flux/layers.py MLPEmbedder: in_layer, out_layer) of the timestep, pooled-text and
+#: guidance embedders that Flux and HunyuanVideo share, by diffusers module path
+FLUX_EMBEDDER_NAMES = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+}
+
+
 def flux_block_comfyui_names(model, modulations: bool) -> dict:
     """ComfyUI's names (comfy/ldm/flux/model.py) of the double and single blocks of a Flux-style
     transformer, with its fused q/k/v (``img_attn.qkv``, ``txt_attn.qkv``) and ``linear1`` (q, k, v and the

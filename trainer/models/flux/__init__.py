@@ -25,7 +25,7 @@ from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
 from ..mmdit import check_text_conditioning, peft_file_tensors
-from ..patches import flux_block_comfyui_names, image_ids, pack, unpack
+from ..patches import FLUX_EMBEDDER_NAMES, flux_block_comfyui_names, image_ids, pack, unpack
 from .names import bfl_to_diffusers, flux_config
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -121,13 +121,7 @@ class Flux(ModelFamily):
         from ...adapters.comfyui import renamed
 
         names = renamed("", "", {
-            "x_embedder": "img_in", "context_embedder": "txt_in",
-            "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-            "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-            "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-            "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-            "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+            "x_embedder": "img_in", "context_embedder": "txt_in", **FLUX_EMBEDDER_NAMES,
             "norm_out.linear": "final_layer.adaLN_modulation.1", "proj_out": "final_layer.linear"},
             swap=("norm_out.linear",))
         names.update(flux_block_comfyui_names(model, modulations=True))

@@ -35,17 +35,12 @@ from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, register_family
 from ..mmdit import has_module, peft_file_tensors
-from ..patches import flux_block_comfyui_names
+from ..patches import FLUX_EMBEDDER_NAMES, flux_block_comfyui_names
 
 #: diffusers module -> ComfyUI's (comfy/ldm/hunyuan_video/model.py, the original model's names) outside the blocks
 TOP_LEVEL = {
     "x_embedder.proj": "img_in.proj",
-    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    **FLUX_EMBEDDER_NAMES,
     "context_embedder.proj_in": "txt_in.input_embedder",
     "context_embedder.time_text_embed.timestep_embedder.linear_1": "txt_in.t_embedder.in_layer",
     "context_embedder.time_text_embed.timestep_embedder.linear_2": "txt_in.t_embedder.out_layer",
