@@ -168,6 +168,30 @@ def test_training_on_the_prepared_clips(tmp_path, prepared, wan, caplog):
     assert "4x9x16x16" in caplog.text and "4x1x16x16" in caplog.text  # buckets by frames, height and width
 
 
+@pytest.mark.slow
+def test_two_processes_prepare_the_same_clips(tmp_path, prepared, media, wan):
+    """Images batched and videos one by one, dealt out to 2 processes: the same dataset as 1 process."""
+    import subprocess
+    import sys
+
+    from test_distributed import ENV, ROOT, free_port
+
+    out = tmp_path / "dataset"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch_configs" / "cpu.yaml"), "--num_processes", "2", "--main_process_port",
+               str(free_port()), "-m", "trainer.prepare", "--images", str(media), "--model", str(wan),
+               "--output", str(out), *[x for k, v in OPTS.items() for x in (f"--{k}", str(v))]]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 7 rows" in proc.stdout and "45 video frames decoded" in proc.stdout
+    one, two = load(prepared[0]).with_format("numpy"), load(out).with_format("numpy")
+    assert one["file_name"] == two["file_name"]
+    for i in range(len(one)):
+        # float32 sums in another thread split: equal to rounding
+        np.testing.assert_allclose(two[i]["latents"], one[i]["latents"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(two[i]["prompt_embeds"], one[i]["prompt_embeds"])
+
+
 def test_rerun_reuses_the_cache_and_new_frames_settings_reencode(tmp_path, media, wan, prepared):
     out, _ = prepared
     again = prepare(PrepareConfig(images=str(media), model=str(wan), output=str(tmp_path / "again"),
