@@ -65,6 +65,7 @@ BLOCK_NAMES = {("WanTransformer3DModel", "num_layers"): "block",
 
 #: (model, pixel frames, pixel height, pixel width, gradient checkpointing), the costliest points last: on the
 #: shared 2-core machine the first nine took 32 min and --max_minutes 30 dropped the Wan 14B 480x832 ones
+#: (6 min on their own: --families wan_14b --resolutions 480x832)
 GRID = [("wan_14b", 1, 256, 256, True), ("wan_14b", 17, 256, 256, True), ("wan_14b", 33, 256, 256, True),
         ("wan_14b", 17, 256, 256, False),
         ("wan_1.3b", 17, 480, 832, True), ("wan_1.3b", 17, 480, 832, False), ("wan_1.3b", 33, 480, 832, True),
@@ -170,6 +171,8 @@ HEADER = ["family", "width", "blocks", "frames (pixels -> latent T)", "resolutio
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--resolutions", nargs="*", default=None,
+                        help="only the grid points at these pixel sizes (HxW, e.g. 480x832)")
     parser.add_argument("--steps", type=int, default=1, help="bf16 training steps per run")
     parser.add_argument("--threads", type=int, default=2, help="OMP threads of the measured runs")
     parser.add_argument("--code", default=str(ROOT), help="checkout whose trainer is measured")
@@ -179,7 +182,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no_record", action="store_true", help="do not append to bench/RESULTS.md")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    grid = [p for p in (QUICK_GRID if args.quick else GRID) if p[0] in args.families]
+    grid = [p for p in (QUICK_GRID if args.quick else GRID) if p[0] in args.families
+            and (args.resolutions is None or f"{p[2]}x{p[3]}" in args.resolutions)]
     started = time.perf_counter()
     rows, dropped = [], []
     with tempfile.TemporaryDirectory() as tmp:
