@@ -85,13 +85,11 @@ print("RESULT " + json.dumps({"baseline_anon": baseline_anon, "peak_anon": peak[
 """
 
 
-def build_flux_width(folder: Path, config: dict, fp8_file: Path | None = None) -> int:
-    """Save a Flux-width transformer as a bf16 diffusers folder without ever holding it in fp32; return its
-    bf16 bytes."""
-    from diffusers import FluxTransformer2DModel
-
+def random_bf16(model_class, config: dict) -> torch.nn.Module:
+    """``model_class(**config)`` in bf16 with N(0, 0.02) weights (norms 1, biases 0), built without ever
+    holding it in fp32."""
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
+        model = model_class(**config)
     model = model.to(dtype=torch.bfloat16).to_empty(device="cpu")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -100,6 +98,18 @@ def build_flux_width(folder: Path, config: dict, fp8_file: Path | None = None) -
                 p.fill_(1.0 if "norm" in name else 0.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    # buffers (Wan's rotary tables) are left uninitialised: fine for saving, as long as they are not
+    # persistent (save_pretrained leaves them out and loading rebuilds them)
+    assert all(name not in model.state_dict() for name, _ in model.named_buffers()), model_class
+    return model
+
+
+def build_flux_width(folder: Path, config: dict, fp8_file: Path | None = None) -> int:
+    """Save a Flux-width transformer as a bf16 diffusers folder without ever holding it in fp32; return its
+    bf16 bytes."""
+    from diffusers import FluxTransformer2DModel
+
+    model = random_bf16(FluxTransformer2DModel, config)
     model.save_pretrained(folder, safe_serialization=True)
     if fp8_file is not None:
         # ComfyUI's flux1-dev-fp8 layout: BFL names, stored float8_e4m3fn (the tests' BFL writer)
@@ -129,9 +139,9 @@ def flux_dataset(folder: Path, config: dict, rows: int, side: int, tokens: int) 
     Dataset.from_dict({k: list(v.numpy()) for k, v in columns.items()}, features=features).save_to_disk(str(folder))
 
 
-def measure(code: Path, model: str, latents: str, out: Path, params: dict) -> dict:
+def measure(code: Path, model: str, latents: str, out: Path, params: dict, threads: int = 1) -> dict:
     """One training run in a fresh process of the checkout ``code``; its memory figures."""
-    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     arg = json.dumps({"model": model, "latents": latents, "params": {**params, "output_dir": str(out)}})
     proc = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, env=env, cwd=code)

@@ -78,3 +78,28 @@ def pipeline_dir(tmp_path):
     path = tmp_path / "pipeline"
     make_pipeline().save_pretrained(path)
     return path
+
+
+def block_calls_in_one_step(model, blocks, dataset, **params) -> list[int]:
+    """How many times each module of ``blocks`` runs its forward in one training step of ``model`` on
+    ``dataset`` (``FAST`` but with the trainer's default ``gradient_checkpointing`` unless ``params`` sets
+    it): 1 without gradient checkpointing, 2 with it (the forward, then its recomputation in backward).
+    Counted as the forward starts: torch stops a recomputation early, once it has the tensors backward needs."""
+    from trainer import train_lora
+
+    calls = [0] * len(blocks)
+
+    def counter(i):
+        def hook(module, args):
+            calls[i] += 1
+        return hook
+
+    handles = [block.register_forward_pre_hook(counter(i)) for i, block in enumerate(blocks)]
+    try:
+        fast = {k: v for k, v in FAST.items() if k != "gradient_checkpointing"}
+        res = train_lora(model, dataset, write_outputs=False, **{**fast, "steps": 1, **params})
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert res.model_with_lora is model or any(m is blocks[0] for m in res.model_with_lora.modules())
+    return calls

@@ -36,3 +36,14 @@ def test_bench_startup_section_runs_on_a_small_dataset():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "**Start-up against dataset size" in proc.stdout and "| bucketed | 300 | after |" in proc.stdout
+
+
+def test_memory_video_quick_runs_every_family_and_block_kind():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_video.py"), "--quick", "--no_record"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "**Video memory" in proc.stdout
+    for row in ("| wan_14b | 256 | 2 | 5 -> 2 | 64x64 -> 8x8 | 32 | off |",
+                "| hunyuan_video | 256 | 2 double + 1 single |", "| hunyuan_video | 256 | 1 double + 2 single |"):
+        assert row in proc.stdout
+    assert "per block" in proc.stdout and "per double block" in proc.stdout and "per single block" in proc.stdout

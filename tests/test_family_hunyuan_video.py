@@ -9,11 +9,12 @@ import math
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, block_calls_in_one_step
 
 from trainer import train_lora
 from trainer.adapters import adapter_layers, attach_adapter, get_algorithm
 from trainer.adapters.formats import read_existing_adapter
+from trainer.config import TrainConfig
 from trainer.errors import TrainerError
 from trainer.models import get_family, load_model
 from trainer.objectives import ObjectiveOptions
@@ -104,6 +105,22 @@ def test_training_lowers_the_loss():
     assert res.steps == 30 and all(math.isfinite(v) for v in res.loss["loss"])
     before, after = probe_loss(tiny_hunyuan(), data), probe_loss(res.model_with_lora, data)
     assert after < 0.95 * before, (before, after)
+
+
+def test_gradient_checkpointing_is_on_by_default_and_recomputes_every_block():
+    """Issue 18: checkpointing is the default; the double-stream and single-stream blocks' forwards run
+    again in backward in the trainer's loop (diffusers' own checkpointing engaged)."""
+    assert TrainConfig().gradient_checkpointing is True
+
+    def blocks(model):
+        return [model.transformer_blocks[0], model.single_transformer_blocks[0]]
+
+    model = tiny_hunyuan()
+    assert block_calls_in_one_step(model, blocks(model), hunyuan_dataset(rows=1)) == [2, 2]
+    assert model.is_gradient_checkpointing
+    model = tiny_hunyuan()
+    assert block_calls_in_one_step(model, blocks(model), hunyuan_dataset(rows=1),
+                                   gradient_checkpointing=False) == [1, 1]
 
 
 def test_file_loads_in_diffusers_with_the_same_effect(trained):

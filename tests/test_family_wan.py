@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import FAST
+from conftest import FAST, block_calls_in_one_step
 
 from trainer import train_lora
 from trainer.adapters import adapter_layers, attach_adapter, get_algorithm
 from trainer.adapters.formats import read_existing_adapter
+from trainer.config import TrainConfig
 from trainer.errors import TrainerError
 from trainer.models import get_family, load_model
 from trainer.objectives import ObjectiveOptions
@@ -101,6 +102,18 @@ def test_training_lowers_the_loss():
     assert res.steps == 30 and all(math.isfinite(v) for v in res.loss["loss"])
     before, after = probe_loss(tiny_wan(), data), probe_loss(res.model_with_lora, data)
     assert after < 0.95 * before, (before, after)
+
+
+def test_gradient_checkpointing_is_on_by_default_and_recomputes_every_block():
+    """Issue 18: video activations are large, so checkpointing is the default; the diffusers model's own
+    checkpointing engages in the trainer's loop (each block's forward runs again in backward)."""
+    assert TrainConfig().gradient_checkpointing is True
+    model = tiny_wan()
+    assert block_calls_in_one_step(model, list(model.blocks), wan_dataset(rows=1)) == [2, 2]
+    assert model.is_gradient_checkpointing
+    model = tiny_wan()
+    assert block_calls_in_one_step(model, list(model.blocks), wan_dataset(rows=1),
+                                   gradient_checkpointing=False) == [1, 1]
 
 
 def test_default_targets_are_every_linear(trained):
