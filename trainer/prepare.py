@@ -83,7 +83,7 @@ class PrepareConfig:
     bucket_step: int | None = _param(None, "bucket sides are multiples of this many pixels (default: the "
                                      "model's own multiple, raised to at least 64)")
     max_aspect_ratio: float = _param(4.0, "widest bucket: long side / short side")
-    batch_size: int = _param(8, "images (and captions) per encoder batch")
+    batch_size: int = _param(8, "images (and captions) per encoder batch; videos are encoded one clip at a time")
     dtype: str = _param("fp32", "encoder dtype: fp32, fp16 or bf16; stored as float16 with fp16, else "
                         "float32")
     sample_latents: bool = _param(False, "draw a seeded sample from the VAE's latent distribution instead "
