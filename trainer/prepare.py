@@ -383,23 +383,26 @@ def _probe_video(path: Path) -> tuple[int, int, float, float]:
     """A video's (width, height) as shown (its rotation applied), the seconds its frames cover, and its frame
     rate (0 when the file does not say), from its header and first frame."""
     av = _pyav()
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise _Skip("unreadable", "no video stream in it")
-        stream = container.streams.video[0]
-        first = next(container.decode(stream), None)
-        if first is None:
-            raise _Skip("unreadable", "no frame could be decoded")
-        rate = float(stream.average_rate or stream.guessed_rate or 0)
-        if stream.duration is not None and stream.time_base is not None:
-            seconds = float(stream.duration * stream.time_base)
-        elif container.duration:
-            seconds = container.duration / av.time_base
-        else:
-            seconds = stream.frames / rate if stream.frames and rate else 0.0
-        width, height = first.width, first.height
-        if first.rotation % 180:
-            width, height = height, width
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise _Skip("unreadable", "no video stream in it")
+            stream = container.streams.video[0]
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise _Skip("unreadable", "no frame could be decoded")
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration:
+                seconds = container.duration / av.time_base
+            else:
+                seconds = stream.frames / rate if stream.frames and rate else 0.0
+            width, height = first.width, first.height
+            if first.rotation % 180:
+                width, height = height, width
+    except av.error.FFmpegError as e:  # not all of FFmpeg's errors are OSError or ValueError (EOFError, ...)
+        raise _Skip("unreadable", f"unreadable: {e}") from None
     return width, height, seconds, rate
 
 
