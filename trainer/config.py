@@ -197,9 +197,10 @@ class WatchArgs(_Section):
 
     # (the default is None, not a shared list: RUF009 only sees "list" in the type)
     sample_prompts: str | list | None = _param(  # noqa: RUF009
-        None, "sample images while training from these prompts: a text file, one prompt per line with optional "
-        "--n NEGATIVE --w WIDTH --h HEIGHT --s STEPS --g GUIDANCE --d SEED, or a list of such lines in the YAML "
-        "file; needs a pipeline folder (VAE, text encoders)", identity=False)
+        None, "sample images (video models: clips) while training from these prompts: a text file, one prompt per "
+        "line with optional --n NEGATIVE --w WIDTH --h HEIGHT --s STEPS --g GUIDANCE --d SEED (video models also "
+        "--f FRAMES), or a list of such lines in the YAML file; needs a pipeline folder (VAE, text encoders)",
+        identity=False)
     sample_every: int | None = _param(None, "also sample every N optimizer steps (samples are always made before "
                                       "the first and after the last step)", range=(1, 100000), identity=False)
     sample_steps: int = _param(20, "denoising steps per sample image", range=(1, 1000), identity=False)
@@ -209,6 +210,10 @@ class WatchArgs(_Section):
     sample_size: str | None = _param(None, "sample size in pixels, WIDTHxHEIGHT or one number (square); default: "
                                      "the training set's most common latent size times the VAE factor",
                                      identity=False)
+    sample_frames: int | None = _param(None, "frames per sample clip of a video model (Wan, HunyuanVideo), 1 + a "
+                                       "multiple of the VAE's temporal factor (4); a prompt line's --f overrides "
+                                       "it; default: the training set's most common clip length in frames",
+                                       range=(1, 10000), identity=False)
     sample_seed: int = _param(0, "noise seed of the first prompt; prompt k uses sample_seed + k unless its line "
                               "gives --d", range=(0, MAX_SEED), identity=False)
     eval_latents: str | None = _param(None, "held-out latents dataset (same format and checks as --latents) for an "
@@ -254,7 +259,7 @@ class TrainConfig:
         "min_snr_gamma", "guidance", "model_config", "log_every", "report_to", "save_merged_model", "num_workers",
         "compile", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "weight_dtype",
         "streaming", "shuffle_buffer", "sample_prompts", "sample_every", "sample_steps", "sample_guidance",
-        "sample_size", "sample_seed", "eval_latents", "eval_fraction", "eval_every", "file_layout")
+        "sample_size", "sample_frames", "sample_seed", "eval_latents", "eval_fraction", "eval_every", "file_layout")
 
     def __init__(self, **values: Any):
         flat = _flatten(values)

@@ -47,7 +47,7 @@ from .rundir import (
     remove_if_unused,
     run_lock,
 )
-from .sampling import PromptSampler, build_sampler, most_common_size, parse_size, read_prompts
+from .sampling import PromptSampler, build_sampler, most_common_frames, most_common_size, parse_size, read_prompts
 from .streaming import StreamData, StreamingBatches, open_stream, streaming_loader
 from .watch import Watch, check_config
 
@@ -407,8 +407,9 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     denoiser.train()
     if prompts is not None:
         sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
+        video = loaded.family.latent_ndim == 4 and cfg.sample_frames is None
         run.sampler = build_sampler(cfg.watching, cfg.output_dir, cfg.training_dtype, loaded, model, prompts,
-                                    sample_size, accelerator)
+                                    sample_size, accelerator, most_common_frames(data) if video else 1)
     return run
 
 

@@ -1,5 +1,6 @@
 """Sample images while training (``--sample_prompts``): the family's own diffusers pipeline around
-the denoiser being trained, with the model folder's VAE and scheduler.
+the denoiser being trained, with the model folder's VAE and scheduler. Video families (Wan,
+HunyuanVideo) sample clips, written as animated WebP.
 
 Cost and side effects, by design:
 
@@ -18,7 +19,12 @@ Prompt syntax (kohya's, which users of ``--sample_prompts`` files already have):
     a photo of sks dog on a beach --n blurry, low quality --w 768 --h 512 --s 30 --g 6 --d 42
 
 ``--n`` negative prompt, ``--w``/``--h`` size in pixels, ``--s`` steps, ``--g`` (or kohya's ``--l``)
-guidance scale, ``--d`` seed. Blank lines and lines starting with ``#`` are skipped.
+guidance scale, ``--d`` seed, and for video models ``--f`` frames (musubi-tuner's spelling). Blank lines
+and lines starting with ``#`` are skipped.
+
+Video: each clip is ``<k>.webp`` (animated, at the family's frame rate, quality 90; a 1-frame clip is a
+``<k>.png`` as an image is), the grid an animated ``grid.webp`` (one grid per frame; shorter clips hold
+their last frame), and the trackers get the grid's middle frame as an image.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 #: the options a prompt line may carry: letter -> (field, type)
 OPTIONS = {"n": ("negative", str), "w": ("width", int), "h": ("height", int), "s": ("steps", int),
-           "g": ("guidance", float), "l": ("guidance", float), "d": ("seed", int)}
+           "g": ("guidance", float), "l": ("guidance", float), "d": ("seed", int), "f": ("frames", int)}
 _GRID_COLUMNS = 4
 _GRID_CELL = 256  # smallest cell width in the grid, so that a caption under a tiny image stays readable
 
@@ -58,6 +64,8 @@ class SamplePrompt:
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None
+    #: clip length in pixel frames (video models only)
+    frames: int | None = None
 
 
 def parse_prompt(line: str, where: str) -> SamplePrompt:
@@ -78,7 +86,7 @@ def parse_prompt(line: str, where: str) -> SamplePrompt:
         except ValueError:
             raise ConfigError(f"{where}: --{letter} expects a{'n integer' if kind is int else ' number'}, got "
                               f"{value!r}") from None
-        if kind is not str and (parsed < 0 or (letter in "whs" and parsed < 1)):
+        if kind is not str and (parsed < 0 or (letter in "whsf" and parsed < 1)):
             raise ConfigError(f"{where}: --{letter} must be positive, got {value}")
         setattr(sample, name, parsed)
     return sample
@@ -127,36 +135,50 @@ def parse_size(value: str | None) -> tuple[int, int] | None:
 
 
 class PromptSampler:
-    """Makes, writes and reports the sample images of one step (on the main process; the others wait)."""
+    """Makes, writes and reports the sample images (video models: clips) of one step (on the main process;
+    the others wait)."""
 
     def __init__(self, pipe, prompts: list[SamplePrompt], embeds: list[dict[str, torch.Tensor]],
-                 size: tuple[int, int], steps: int, guidance: float | None, seed: int, out_dir: Path):
+                 size: tuple[int, int], steps: int, guidance: float | None, seed: int, out_dir: Path,
+                 frames: list[int] | None = None, fps: float = 16.0):
         self.pipe = pipe
         self.prompts = prompts
         #: per prompt: the pipeline's embedding arguments (prompt_embeds, negative_prompt_embeds, ...), on the CPU
         self.embeds = embeds
         self.size, self.steps, self.guidance, self.seed = size, steps, guidance, seed
         self.out_dir = out_dir
+        #: per prompt: its clip length in frames (video models), or None (image models)
+        self.frames, self.fps = frames, fps
         #: wall seconds spent sampling in this run (all sample steps)
         self.seconds = 0.0
 
     def sample(self, accelerator, step: int) -> list:
         """Generate every prompt's image at optimizer step ``step`` (total count); on the main process
-        write them (``samples/step-NNNNNNNN/<k>.png`` and ``grid.png``) and send the grid to the
-        trackers. Every process must call this (the others wait). Returns the images (main process)."""
+        write them (``samples/step-NNNNNNNN/<k>.png`` and ``grid.png``; video: ``<k>.webp`` and
+        ``grid.webp``) and send the grid (video: its middle frame) to the trackers. Every process must
+        call this (the others wait). Returns the images (video: a list of frames per prompt; main process)."""
         images = []
         if accelerator.is_main_process:
             started = time.perf_counter()
             images = self._generate(accelerator)
             folder = self.out_dir / "samples" / f"step-{step:08d}"
-            for k, image in enumerate(images):
-                save_png(image, folder / f"{k}.png")
-            grid = make_grid(images, [p.prompt for p in self.prompts], f"step {step}")
-            save_png(grid, folder / "grid.png")
+            captions, title = [p.prompt for p in self.prompts], f"step {step}"
+            if self.frames is None:
+                for k, image in enumerate(images):
+                    save_png(image, folder / f"{k}.png")
+                grid = make_grid(images, captions, title)
+                save_png(grid, folder / "grid.png")
+            else:
+                for k, clip in enumerate(images):
+                    save_clip(clip, folder / str(k), self.fps)
+                grids = grid_frames(images, captions, title)
+                save_clip(grids, folder / "grid", self.fps)
+                grid = grids[len(grids) // 2]
             log_image(accelerator, "samples", grid, step)
             seconds = time.perf_counter() - started
             self.seconds += seconds
-            logger.info("sampled %d image(s) at step %d in %.1f s", len(images), step, seconds)
+            logger.info("sampled %d %s at step %d in %.1f s", len(images),
+                        "image(s)" if self.frames is None else "clip(s)", step, seconds)
         accelerator.wait_for_everyone()
         return images
 
@@ -190,15 +212,18 @@ class PromptSampler:
         guidance = prompt.guidance if prompt.guidance is not None else self.guidance
         if guidance is not None:
             kwargs["guidance_scale"] = guidance
+        if self.frames is not None:
+            kwargs["num_frames"] = self.frames[k]
         # a CPU generator: the same seed gives the same starting noise on every device
         generator = torch.Generator("cpu").manual_seed(seed)
         try:
             with accelerator.autocast():  # the precision the denoiser trains in (bf16 autocast or fp32)
-                return self.pipe(height=height, width=width, num_inference_steps=prompt.steps or self.steps,
-                                 generator=generator, output_type="pil", **kwargs).images[0]
+                out = self.pipe(height=height, width=width, num_inference_steps=prompt.steps or self.steps,
+                                generator=generator, output_type="pil", **kwargs)
         except ValueError as e:  # the pipeline's own input checks (e.g. a size its VAE cannot make)
             raise TrainerError(f"--sample_prompts: prompt {k} ({prompt.prompt[:40]!r}, {width}x{height}): "
                                f"{str(e).splitlines()[0]}") from None
+        return out.images[0] if self.frames is None else list(out.frames[0])
 
 
 def _to_device(value, device: torch.device):
@@ -213,6 +238,26 @@ def _denoiser_name(pipe) -> str:
 def save_png(image, path: Path) -> None:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def save_clip(frames: list, stem: Path, fps: float) -> Path:
+    """A clip as an animated WebP ``<stem>.webp`` at ``fps`` (quality 90, looping); a 1-frame clip as
+    ``<stem>.png``, as an image is written. Returns the path written."""
+    if len(frames) == 1:
+        path = stem.with_name(stem.name + ".png")
+        save_png(frames[0], path)
+        return path
+    path = stem.with_name(stem.name + ".webp")
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="WEBP", save_all=True, append_images=list(frames[1:]),
+                       duration=round(1000 / fps), loop=0, quality=90)
+    return path
+
+
+def grid_frames(clips: list[list], captions: list[str], title: str) -> list:
+    """The grid of every frame of the clips (:func:`make_grid` per frame); a shorter clip holds its last frame."""
+    length = max(len(clip) for clip in clips)
+    return [make_grid([clip[min(i, len(clip) - 1)] for clip in clips], captions, title) for i in range(length)]
 
 
 def log_image(accelerator, tag: str, image, step: int) -> None:
@@ -270,17 +315,25 @@ def pipeline_source(loaded, model_arg: Any) -> Path | Any | None:
 
 
 def build_sampler(cfg: WatchArgs, output_dir: str, training_dtype: str, loaded, model_arg: Any,
-                  prompts: list[SamplePrompt], size: tuple[int, int], accelerator) -> PromptSampler:
+                  prompts: list[SamplePrompt], size: tuple[int, int], accelerator,
+                  latent_frames: int = 1) -> PromptSampler:
     """Encode the prompts, load the VAE and scheduler around the (adapted) denoiser.
 
     Every process checks the model; only the main process loads and encodes (it alone samples).
-    Raises :class:`TrainerError` when the model has no pipeline (VAE and text encoders) around it.
+    ``latent_frames``: the training set's most common clip length in latent frames (video models), from
+    which the default clip length comes. Raises :class:`TrainerError` when the model has no pipeline (VAE
+    and text encoders) around it, for frame counts the VAE cannot make, for frames asked of an image
+    model and for a Wan 2.2 A14B expert (its pipeline needs both experts).
     """
     from accelerate.utils import DistributedType
 
-    if loaded.family.latent_ndim != 3:
-        raise TrainerError(f"--sample_prompts: {loaded.family.name} is a video model; sampling videos while "
-                           "training is not supported yet (sample from the saved LoRA with the family's pipeline)")
+    video = loaded.family.latent_ndim == 4
+    if not video:
+        asked = ["--sample_frames"] if cfg.sample_frames is not None else []
+        asked += [f"--f in prompt {k} ({p.prompt[:40]!r})" for k, p in enumerate(prompts) if p.frames is not None]
+        if asked:
+            raise TrainerError(f"--sample_prompts: {loaded.family.name} is an image model; {asked[0]} gives a "
+                               "clip length, which only video models (wan, hunyuan_video) take")
     source = pipeline_source(loaded, model_arg)
     if source is None:
         what = {"folder": f"a bare {loaded.family.subfolder}/ folder", "single_file": "a single-file checkpoint",
@@ -289,23 +342,60 @@ def build_sampler(cfg: WatchArgs, output_dir: str, training_dtype: str, loaded, 
                            f"vae/ and the text encoders); --model {loaded.source} is {what}")
     if isinstance(source, Path):
         _check_components(source)
+    frames = _clip_frames(cfg, prompts, source, latent_frames) if video else None
     if accelerator.distributed_type == DistributedType.FSDP:
         raise TrainerError("--sample_prompts: sampling is not supported under FSDP (the main process samples "
                            "alone and FSDP shards the denoiser); sample from the saved LoRA instead")
     out_dir = Path(output_dir)
+    fps = loaded.family.encoding.fps
     if not accelerator.is_main_process:
         return PromptSampler(None, prompts, [], size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
-                             out_dir)
+                             out_dir, frames, fps)
     started = time.perf_counter()
     dtype = DTYPES[training_dtype]
     embeds = encode_prompts(source, loaded.family.name, prompts, dtype, accelerator.device)
     pipe = _sampling_pipeline(source, loaded)
     pipe.set_progress_bar_config(disable=True)
     embeds = _accepted_embeddings(pipe, prompts, embeds)
-    logger.info("sampling %d prompt(s) at %dx%d, %d steps: encoded in %.1f s", len(prompts), size[0], size[1],
-                cfg.sample_steps, time.perf_counter() - started)
+    clips = "" if frames is None else f", {'/'.join(str(f) for f in sorted(set(frames)))} frames"
+    logger.info("sampling %d prompt(s) at %dx%d%s, %d steps: encoded in %.1f s", len(prompts), size[0], size[1],
+                clips, cfg.sample_steps, time.perf_counter() - started)
     return PromptSampler(pipe, prompts, embeds, size, cfg.sample_steps, cfg.sample_guidance, cfg.sample_seed,
-                         out_dir)
+                         out_dir, frames, fps)
+
+
+def _clip_frames(cfg: WatchArgs, prompts: list[SamplePrompt], source, latent_frames: int) -> list[int]:
+    """Each prompt's clip length in pixel frames: its ``--f``, else ``--sample_frames``, else the training
+    set's most common clip length (``(T - 1) x`` the VAE's temporal factor ``+ 1``). Refuses a count the VAE
+    cannot make and a Wan 2.2 A14B expert (the pipeline denoises with both experts)."""
+    from .models.base import read_json, vae_temporal_factor
+
+    if isinstance(source, Path):
+        index = read_json(source / "model_index.json")
+        vae_file = source / "vae" / "config.json"
+        vae_config = read_json(vae_file) if vae_file.is_file() else None
+        second = (index.get("transformer_2") or [None])[0] is not None
+        boundary = index.get("boundary_ratio")
+    else:
+        vae = getattr(source, "vae", None)
+        vae_config = dict(vae.config) if vae is not None else None
+        second = getattr(source, "transformer_2", None) is not None
+        boundary = getattr(source, "config", {}).get("boundary_ratio")
+    if second and boundary is not None:
+        raise TrainerError("--sample_prompts: this is one expert of a two-expert Wan 2.2 pipeline (boundary_ratio, "
+                           "transformer_2), which samples only with both experts loaded; sample from the saved "
+                           "LoRAs with both experts")
+    factor = vae_temporal_factor(vae_config)
+    default = cfg.sample_frames or (latent_frames - 1) * factor + 1
+    frames = [p.frames or default for p in prompts]
+    for k, (p, count) in enumerate(zip(prompts, frames)):
+        if (count - 1) % factor:
+            what = (f"prompt {k} ({p.prompt[:40]!r}): --f {count}" if p.frames
+                    else f"--sample_frames {count}")
+            low = (count - 1) // factor * factor + 1
+            raise TrainerError(f"--sample_prompts: {what} frames cannot be made by the VAE: a clip has 1 + a "
+                               f"multiple of {factor} frames (e.g. {low} or {low + factor})")
+    return frames
 
 
 def _check_components(root: Path) -> None:
@@ -399,17 +489,40 @@ def _sampling_pipeline(source, loaded):
                      if isinstance(value, list) and n not in ("vae", "scheduler", name)}
         if "requires_safety_checker" in index:
             leave_out["requires_safety_checker"] = False
-        return DiffusionPipeline.from_pretrained(source, **{name: denoiser}, **leave_out)
+        # the folder's own pipeline class: DiffusionPipeline.from_pretrained drops a passed component that
+        # the class's __init__ gives a default (WanPipeline's transformer, optional beside transformer_2) and
+        # loads the folder's weights in its place
+        import diffusers
+
+        pipeline_class = getattr(diffusers, str(index.get("_class_name")), DiffusionPipeline)
+        pipe = pipeline_class.from_pretrained(source, **{name: denoiser}, **leave_out)
+        if pipe.components.get(name) is not denoiser:
+            raise TrainerError(f"--sample_prompts: {type(pipe).__name__} did not take the trained {name}; sample "
+                               "from the saved LoRA instead")
+        return pipe
     import inspect
 
     parameters = inspect.signature(type(source).__init__).parameters
     components = {n: (c if n in ("vae", "scheduler") else None) for n, c in source.components.items()}
     components[name] = denoiser
+    # the pipeline's own settings (Wan 2.2 TI2V-5B's expand_timesteps, boundary_ratio) travel too
+    components.update({n: source.config[n] for n in parameters
+                       if n not in components and n != "self" and n in source.config})
     if "requires_safety_checker" in parameters:
         components["requires_safety_checker"] = False
     pipe = type(source)(**components)
     pipe.vae.to("cpu")  # the caller's VAE object: it waits on the CPU between samples like a loaded one
     return pipe
+
+
+def most_common_frames(data) -> int:
+    """Latent frames T of the training set's largest bucket (video rows ``[C, T, H, W]``; 1 for image rows)."""
+    if not hasattr(data, "buckets"):
+        raise TrainerError("--sample_prompts: with --streaming the clip length cannot be read from the data "
+                           "up front; give --sample_frames")
+    bucket = max(data.buckets, key=len)
+    latents = data.rows([bucket[0]])["latents"]
+    return int(latents.shape[-3]) if latents.ndim == 5 else 1
 
 
 def most_common_size(data, vae_scale_factor: int) -> tuple[int, int]:

@@ -27,6 +27,8 @@ def check_config(cfg: WatchArgs) -> None:
         raise ConfigError("--eval_every needs a held-out set: --eval_latents PATH or --eval_fraction F")
     if cfg.sample_every is not None and cfg.sample_prompts is None:
         raise ConfigError("--sample_every needs --sample_prompts")
+    if cfg.sample_frames is not None and cfg.sample_prompts is None:
+        raise ConfigError("--sample_frames needs --sample_prompts")
 
 
 class Watch:
