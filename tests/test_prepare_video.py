@@ -13,7 +13,7 @@ from conftest import FAST
 from test_prepare import image, load, t5
 
 from trainer.errors import ConfigError, TrainerError
-from trainer.prepare import PrepareConfig, clip_frames, frame_times, main, prepare
+from trainer.prepare import PrepareConfig, clip_frames, clip_starts, frame_times, main, prepare
 
 av = pytest.importorskip("av", reason="PyAV is in the test extra: pip install -e '.[test]'")
 
@@ -110,6 +110,13 @@ def test_clip_length_and_sampling_times():
     assert clip_frames((1, 17, 81), 16, seconds=80 / 16, rate=16) == 17
     assert clip_frames((5, 9), 16, seconds=1 / 24, rate=24) is None
     assert frame_times(3, 16) == [0.0, 1 / 16, 2 / 16]
+    assert frame_times(2, 8, start=0.5) == [0.5, 0.625]
+    # 30 frames at 24 fps: the last starts at 1.208 s; 3-frame clips at 8 fps span 0.375 s, the latest start is
+    # 0.958 s: three clips fit without overlapping, evenly spread; asking for 2 spreads 2 over the same range
+    assert clip_starts(5, 3, 8, seconds=30 / 24, rate=24) == pytest.approx([0.0, 0.958333 / 2, 0.958333], abs=1e-5)
+    assert clip_starts(2, 3, 8, seconds=30 / 24, rate=24) == pytest.approx([0.0, 0.958333], abs=1e-5)
+    assert clip_starts(1, 3, 8, seconds=30 / 24, rate=24) == [0.0]
+    assert clip_starts(4, 9, 8, seconds=30 / 24, rate=24) == [0.0]  # 9 frames at 8 fps leave no room for two
 
 
 def test_mixed_folder_becomes_clips_bucketed_by_frames(prepared):
@@ -253,7 +260,7 @@ def test_image_models_skip_videos_and_refuse_frames(tmp_path, media):
     assert result.shapes == {(4, 16, 16): 1}  # the image only
     assert {s.kind for s in result.skipped} == {"video for an image model"}
     assert "a video, but sd is an image model" in result.skipped[0].reason
-    with pytest.raises(ConfigError, match="--frames: sd is an image model; --frames and --fps apply to video"):
+    with pytest.raises(ConfigError, match="--frames: sd is an image model; --frames, --fps and --clips apply to video"):
         prepare(PrepareConfig(images=str(media), model=str(sd), output=str(tmp_path / "o"), frames="1,5"))
 
 
@@ -345,3 +352,26 @@ def test_hunyuan_video_prepares_and_trains(tmp_path, media):
     res = train_lora(str(model), str(tmp_path / "out"), rank=4, alpha=4.0, output_dir=str(tmp_path / "run"),
                      **{**FAST, "batch_size": 1})
     assert res.steps == 2 and all(np.isfinite(res.loss["loss"]))
+
+
+def test_several_clips_per_video_start_where_planned(tmp_path, wan):
+    """--clips: a lossless 30-frame video at 24 fps gives three 3-frame clips at 8 fps, starting at 0, 0.479 and
+    0.958 s: source frames 0, 3, 6 / 11, 14, 17 / 23, 26, 29 (the frame on screen at each instant); each clip
+    its own row, seeking to the key frame before it."""
+    from trainer.prepare import _clip_pixels, inspect_model, plan
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_video(folder / "long.mkv", numbered_frames(30, 32, 32), rate=24, codec="ffv1")
+    cfg = PrepareConfig(images=str(folder), model=str(wan), output=str(tmp_path / "out"),
+                        **{**OPTS, "frames": "3", "fps": 8.0, "clips": 5, "batch_size": 1})
+    model = inspect_model(cfg)
+    clips = plan(cfg, model).sources
+    assert [round(c.start, 3) for c in clips] == [0.0, 0.479, 0.958] and len({c.key for c in clips}) == 3
+    for clip, first in zip(clips, (0, 11, 23)):
+        red = _clip_pixels(clip)[0, :, 0, 0]  # red = 8 x frame index, in [-1, 1]
+        indices = ((red + 1) * 127.5 / 8).round().int().tolist()
+        assert indices == [first, first + 3, first + 6]
+    result = prepare(cfg)
+    assert result.shapes == {(CHANNELS, 2, 16, 16): 3} and result.decoded_frames == 9
+    assert load(tmp_path / "out")["file_name"] == ["long.mkv"] * 3

@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,8 @@ class PrepareConfig:
                                 "family's, 1,17,33,49,65,81 for Wan, 1,33,65,97,129 for HunyuanVideo)")
     fps: float | None = _param(None, "video models: frame rate the clips are sampled at, dropping or repeating "
                                "source frames (default: the family's, 16 for Wan, 24 for HunyuanVideo)")
+    clips: int = _param(1, "video models: clips per video, at most: as many as fit without overlapping, spread "
+                        "evenly from its start to its end (1: one clip, from its start)")
 
     def __post_init__(self):
         for name in ("images", "model"):
@@ -120,6 +122,8 @@ class PrepareConfig:
             raise ConfigError(f"--fps: expected a positive frame rate, got {self.fps}")
         if self.frames is not None:
             parse_frames(self.frames)  # a bad list is an error before anything is read
+        if self.clips < 1:
+            raise ConfigError(f"--clips: expected at least 1, got {self.clips}")
 
     @property
     def cache(self) -> Path:
@@ -178,9 +182,17 @@ def clip_frames(counts: tuple[int, ...], fps: float, seconds: float, rate: float
     return max(fitting, default=None)
 
 
-def frame_times(count: int, fps: float) -> list[float]:
-    """Seconds from the video's start at which a clip of ``count`` frames at ``fps`` samples it."""
-    return [k / fps for k in range(count)]
+def clip_starts(clips: int, frames: int, fps: float, seconds: float, rate: float) -> list[float]:
+    """Start times (seconds) of at most ``clips`` clips of ``frames`` frames at ``fps`` in a video like
+    :func:`clip_frames`'s: as many as fit without overlapping, evenly spread from its start to its end."""
+    room = seconds - (1 / rate if rate else 0.0) - (frames - 1) / fps  # the latest start
+    count = min(clips, 1 + int(room / (frames / fps) + 1e-6)) if room > 0 else 1
+    return [0.0] if count <= 1 else [i * room / (count - 1) for i in range(count)]
+
+
+def frame_times(count: int, fps: float, start: float = 0.0) -> list[float]:
+    """Seconds from the video's start at which a clip of ``count`` frames at ``fps`` from ``start`` samples it."""
+    return [start + k / fps for k in range(count)]
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -205,6 +217,9 @@ class Source:
     #: video: frames of its clip and their rate; 1 for an image of a video model, 0 for an image model's
     frames: int = 0
     fps: float = 0.0
+    #: video: where its clip starts (seconds from its first frame), and that frame's timestamp
+    start: float = 0.0
+    origin: float = 0.0
     #: image, video: name of its cached latents
     key: str = ""
 
@@ -336,18 +351,19 @@ def plan(cfg: PrepareConfig, model: ModelInfo) -> Plan:
             if src.kind == "video":
                 if model.fps is None:
                     raise _Skip("video for an image model", f"a video, but {model.family} is an image model")
-                width, height, seconds, rate = _probe_video(src.path)
+                width, height, seconds, rate, src.origin = _probe_video(src.path)
                 frames = clip_frames(model.frames, model.fps, seconds, rate)
                 if frames is None:
                     raise _Skip("too short", f"{seconds:.2f} s is shorter than the shortest clip, "
                                 f"{model.frames[0]} frames at {model.fps:g} fps; add a shorter count to --frames")
                 src.frames, src.fps = frames, model.fps
+                starts = clip_starts(cfg.clips, frames, model.fps, seconds, rate)
             else:
                 with Image.open(src.path) as image:
                     width, height = image.size
                     if image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):  # stored rotated by 90 degrees
                         width, height = height, width
-                src.frames = 1 if model.fps is not None else 0
+                src.frames, starts = (1 if model.fps is not None else 0), [0.0]
             if min(width, height) < smallest:
                 raise _Skip("too small", f"{width}x{height} is smaller than the smallest bucket side "
                             f"({smallest} px at resolution {model.resolution}); use a larger {src.kind} or a "
@@ -356,16 +372,17 @@ def plan(cfg: PrepareConfig, model: ModelInfo) -> Plan:
             src.bucket = closest_bucket(width, height, buckets)
             src.resized, src.crop = fit_plan(width, height, src.bucket)
             stat = src.path.stat()
-            src.key = _key(str(src.path.resolve()), stat.st_size, stat.st_mtime_ns, src.bucket,
-                           src.resized, src.crop, model.vae_stamp, cfg.dtype, cfg.sample_latents,
-                           cfg.seed if cfg.sample_latents else None, *((src.frames, src.fps) if src.frames else ()))
+            for start in starts:  # a video's clips are rows of their own
+                clip = replace(src, start=start)
+                clip.key = _key(str(src.path.resolve()), stat.st_size, stat.st_mtime_ns, src.bucket,
+                                src.resized, src.crop, model.vae_stamp, cfg.dtype, cfg.sample_latents,
+                                cfg.seed if cfg.sample_latents else None,
+                                *((src.frames, src.fps) if src.frames else ()), *((start,) if start else ()))
+                result.sources.append(clip)
         except _Skip as e:
             result.skipped.append(Skipped(src.name, e.kind, str(e)))
-            continue
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL and PyAV raise these
             result.skipped.append(Skipped(src.name, "unreadable", f"unreadable: {e}"))
-            continue
-        result.sources.append(src)
     result.skipped = skipped + result.skipped
     return result
 
@@ -379,9 +396,9 @@ def _pyav():
     return av
 
 
-def _probe_video(path: Path) -> tuple[int, int, float, float]:
-    """A video's (width, height) as shown (its rotation applied), the seconds its frames cover, and its frame
-    rate (0 when the file does not say), from its header and first frame."""
+def _probe_video(path: Path) -> tuple[int, int, float, float, float]:
+    """A video's (width, height) as shown (its rotation applied), the seconds its frames cover, its frame
+    rate (0 when the file does not say) and its first frame's timestamp, from its header and first frame."""
     av = _pyav()
     try:
         with av.open(str(path)) as container:
@@ -403,7 +420,7 @@ def _probe_video(path: Path) -> tuple[int, int, float, float]:
                 width, height = height, width
     except av.error.FFmpegError as e:  # not all of FFmpeg's errors are OSError or ValueError (EOFError, ...)
         raise _Skip("unreadable", f"unreadable: {e}") from None
-    return width, height, seconds, rate
+    return width, height, seconds, rate, first.time or 0.0
 
 
 def _latent_header(path: Path, ndim: int) -> tuple[int, ...]:
@@ -532,9 +549,12 @@ def inspect_model(cfg: PrepareConfig) -> ModelInfo:
             raise ConfigError(f"--frames: {', '.join(map(str, wrong))} frames cannot be encoded by this VAE: a clip "
                               f"has 1 + a multiple of {info.temporal_factor} frames (e.g. 1, "
                               f"{1 + 4 * info.temporal_factor}, {1 + 8 * info.temporal_factor})")
-    elif cfg.frames is not None or cfg.fps is not None:
-        raise ConfigError(f"--{'frames' if cfg.frames is not None else 'fps'}: {family.name} is an image model; "
-                          "--frames and --fps apply to video models")
+    else:
+        given = [name for name, default in (("frames", None), ("fps", None), ("clips", 1))
+                 if getattr(cfg, name) != default]
+        if given:
+            raise ConfigError(f"--{given[0]}: {family.name} is an image model; --frames, --fps and --clips apply to "
+                              "video models")
     multiple = info.multiple
     info.bucket_step = cfg.bucket_step or multiple * math.ceil(64 / multiple)
     if info.bucket_step % multiple:
@@ -627,21 +647,24 @@ def _pixels(src: Source) -> torch.Tensor:
 
 
 def _clip_pixels(src: Source) -> torch.Tensor:
-    """The video's clip, ``src.frames`` frames at ``src.fps`` from its start, as [3, F, H, W]. Each sampled
+    """The video's clip, ``src.frames`` frames at ``src.fps`` from ``src.start``, as [3, F, H, W]. Each sampled
     instant takes the frame on screen then (by the frames' timestamps, so variable frame rates are kept in
-    time), decoded in order and resized as it comes: only the clip's frames are held."""
+    time), decoded in order from the key frame before the clip and resized as it comes: only the clip's
+    frames are held."""
     import torch
 
     av = _pyav()
-    times, clip = frame_times(src.frames, src.fps), []
+    times, clip = frame_times(src.frames, src.fps, src.start), []
     with av.open(str(src.path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # FFmpeg's frame and slice threads
         rate = float(stream.average_rate or stream.guessed_rate or 0)
+        if src.start and stream.time_base is not None:  # to the key frame at or before the clip's start
+            container.seek(int((src.origin + src.start) / stream.time_base), stream=stream, backward=True)
         # timestamps are rounded by the container (to 1 ms in mkv and webm): a frame counts as on screen from a
         # quarter of a frame before its timestamp
         early = 0.25 / (rate or src.fps)
-        shown, shown_pixels, start, t = None, None, None, 0.0
+        shown, shown_pixels, t = None, None, 0.0
 
         def take():
             nonlocal shown_pixels
@@ -655,9 +678,9 @@ def _clip_pixels(src: Source) -> torch.Tensor:
             clip.append(shown_pixels)
 
         for index, frame in enumerate(container.decode(stream)):
-            t = frame.time if frame.time is not None else index / (rate or src.fps)
-            start = t if start is None else start
-            t -= start
+            if frame.time is None and src.start:
+                raise ValueError("its frames have no timestamps, so a clip cannot start past its first frame")
+            t = frame.time - src.origin if frame.time is not None else index / (rate or src.fps)
             while shown is not None and len(clip) < len(times) and times[len(clip)] < t - early:
                 take()
             if len(clip) == len(times):
@@ -668,8 +691,8 @@ def _clip_pixels(src: Source) -> torch.Tensor:
         while shown is not None and len(clip) < len(times) and times[len(clip)] < end - early:
             take()
     if len(clip) < len(times):
-        raise ValueError(f"decoded {end:.2f} s of video, {src.frames} frames at {src.fps:g} fps need "
-                         f"{times[-1]:.2f} s")
+        raise ValueError(f"decoded {end:.2f} s of video, {src.frames} frames at {src.fps:g} fps from "
+                         f"{src.start:.2f} s need {times[-1]:.2f} s")
     return torch.stack(clip, dim=1)
 
 
