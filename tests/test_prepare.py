@@ -227,15 +227,21 @@ def test_training_on_the_prepared_buckets(prepared, pipeline, caplog):
     assert "latents come in 3 shapes" in caplog.text
 
 
-def test_two_processes_prepare_the_same_dataset(tmp_path, prepared, images, pipeline):
-    out = tmp_path / "dataset"
+def prepare_in_two_processes(folder: Path, model: Path, out: Path, options: dict) -> str:
+    """``lora-prepare`` under ``accelerate launch`` with 2 CPU processes; returns its standard output."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "launch_configs" / "cpu.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "-m", "trainer.prepare", "--images", str(images), "--model", str(pipeline),
-               "--output", str(out), *[x for k, v in OPTS.items() for x in (f"--{k}", str(v))]]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+               str(free_port()), "-m", "trainer.prepare", "--images", str(folder), "--model", str(model),
+               "--output", str(out), *[x for k, v in options.items() for x in (f"--{k}", str(v))]]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=out.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "wrote 10 rows" in proc.stdout and "encoded 5 new images" in proc.stdout
+    return proc.stdout
+
+
+def test_two_processes_prepare_the_same_dataset(tmp_path, prepared, images, pipeline):
+    out = tmp_path / "dataset"
+    stdout = prepare_in_two_processes(images, pipeline, out, OPTS)
+    assert "wrote 10 rows" in stdout and "encoded 5 new images" in stdout
     one, two = load(prepared[0]).with_format("numpy"), load(out).with_format("numpy")
     assert one.column_names == two.column_names and len(one) == len(two)
     for i in range(len(one)):

@@ -178,19 +178,11 @@ def test_training_on_the_prepared_clips(tmp_path, prepared, wan, caplog):
 @pytest.mark.slow
 def test_two_processes_prepare_the_same_clips(tmp_path, prepared, media, wan):
     """Images batched and videos one by one, dealt out to 2 processes: the same dataset as 1 process."""
-    import subprocess
-    import sys
-
-    from test_distributed import ENV, ROOT, free_port
+    from test_prepare import prepare_in_two_processes
 
     out = tmp_path / "dataset"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "launch_configs" / "cpu.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "-m", "trainer.prepare", "--images", str(media), "--model", str(wan),
-               "--output", str(out), *[x for k, v in OPTS.items() for x in (f"--{k}", str(v))]]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "wrote 7 rows" in proc.stdout and "45 video frames decoded" in proc.stdout
+    stdout = prepare_in_two_processes(media, wan, out, OPTS)
+    assert "wrote 7 rows" in stdout and "45 video frames decoded" in stdout
     one, two = load(prepared[0]).with_format("numpy"), load(out).with_format("numpy")
     assert one["file_name"] == two["file_name"]
     for i in range(len(one)):
