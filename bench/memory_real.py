@@ -248,11 +248,16 @@ def main(argv=None) -> None:
     text = "\n".join(blocks)
     print(text)
     if not args.no_record:
-        head = (f"\n### {datetime.date.today()}: {platform.machine()}, {os.cpu_count()} CPU cores\n\n"
-                f"`python bench/memory_real.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-                f"(torch {torch.__version__})\n\n")
-        with RESULTS.open("a") as f:
-            f.write(head + text)
+        record("bench/memory_real.py", argv, text)
+
+
+def record(script: str, argv: list[str] | None, text: str) -> None:
+    """Append ``text`` to bench/RESULTS.md under a heading with the date, the machine and the command."""
+    command = " ".join([f"python {script}", *(argv if argv is not None else sys.argv[1:])])
+    head = (f"\n### {datetime.date.today()}: {platform.machine()}, {os.cpu_count()} CPU cores\n\n"
+            f"`{command}` (torch {torch.__version__})\n\n")
+    with RESULTS.open("a") as f:
+        f.write(head + text)
 
 
 if __name__ == "__main__":

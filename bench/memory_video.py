@@ -19,10 +19,7 @@ as the Wan 2.1 and HunyuanVideo VAEs do; tokens are T x H/2 x W/2 (patch 1x2x2).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_real import RESULTS, ROOT, measure, random_bf16, table
+from memory_real import ROOT, measure, random_bf16, record, table
 
 #: real per-layer shapes; ``blocks`` names the config fields counted as blocks (1 each in the base run)
 MODELS = {
@@ -204,11 +201,7 @@ def main(argv=None) -> None:
             for name, frames, h, w, on in dropped) + "\n")
     print(text)
     if not args.no_record:
-        head = (f"\n### {datetime.date.today()}: {platform.machine()}, {os.cpu_count()} CPU cores\n\n"
-                f"`{' '.join(['python bench/memory_video.py', *(argv if argv is not None else sys.argv[1:])])}` "
-                f"(torch {torch.__version__})\n\n")
-        with RESULTS.open("a") as f:
-            f.write(head + text)
+        record("bench/memory_video.py", argv, text)
 
 
 if __name__ == "__main__":
