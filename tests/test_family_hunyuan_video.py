@@ -320,3 +320,17 @@ def test_loha_and_lokr_leave_the_conv3d_patch_embedding_out(tmp_path, caplog):
     res = train_lora(tiny_hunyuan(), hunyuan_dataset(), algorithm="LoRA", target_modules="x_embedder.proj",
                      output_dir=str(tmp_path / "lora"), batch_size=2, **FAST)
     assert list(adapter_layers(res.model_with_lora)) == ["x_embedder.proj"]
+
+
+def test_a_default_layout_run_says_comfyui_needs_the_comfyui_layout(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        train_lora(tiny_hunyuan(), hunyuan_dataset(), output_dir=str(tmp_path / "auto"), batch_size=2,
+                   target_modules="attention", **{**FAST, "steps": 1})
+    assert "ComfyUI's LoRA loader does not read for this model; --file_layout comfyui" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        train_lora(tiny_hunyuan(), hunyuan_dataset(), output_dir=str(tmp_path / "comfyui"), batch_size=2,
+                   target_modules="attention", file_layout="comfyui", **{**FAST, "steps": 1})
+    assert "ComfyUI's LoRA loader does not read" not in caplog.text

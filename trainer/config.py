@@ -175,7 +175,8 @@ class OutputArgs(_Section):
     output_name: str = _param("lora", "file name (without .safetensors) of the trained adapter: a plain name, "
                               "no folder", identity=False)
     file_layout: str = _param("auto", "LoRA file layout. auto: the family's layout that diffusers, ComfyUI and "
-                              "kohya tools load (lora.safetensors); comfyui: the Train LoRA node's own keys "
+                              "kohya tools load (lora.safetensors; for HunyuanVideo and Lumina 2 diffusers' only, "
+                              "ComfyUI reads comfyui); comfyui: the Train LoRA node's own keys "
                               "(diffusion_model.<ComfyUI module>, alpha folded into the weights) and file name "
                               "<output_name>_<steps>_steps_00001_.safetensors, which the node can continue",
                               choices=("auto", "comfyui"), identity=False)

@@ -481,10 +481,15 @@ def _train_offsets(model: torch.nn.Module, node: bool, file_offsets: dict[str, d
 
 def _check_file_layout(run: Run, model: torch.nn.Module) -> None:
     """Before training: refuse what ``--file_layout comfyui`` cannot write, and say where ComfyUI's loader
-    will not reproduce an OFT file."""
+    will not reproduce an OFT file (or does not read the family's default layout at all)."""
+    family = run.loaded.family
     if run.cfg.file_layout == "comfyui":
         comfyui_state(model, run, torch.float32)  # raises for a layer ComfyUI's layout cannot hold
-    elif run.algorithm.name == "OFT":
+        return
+    if not family.comfyui_reads_default_layout:
+        logger.info("the %s file is written in diffusers' layout, which ComfyUI's LoRA loader does not read for "
+                    "this model; --file_layout comfyui writes the file ComfyUI reads", family.name)
+    if run.algorithm.name == "OFT":
         from .adapters.comfyui import warn_oft_on_swapped_layers
 
         try:

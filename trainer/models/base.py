@@ -180,6 +180,9 @@ class ModelFamily(ABC):
     #: module paths that ``--target_modules all`` (and ``node``) leaves out: layers the family's file
     #: loaders cannot read an adapter for
     all_targets_leave_out: ClassVar[tuple[str, ...]] = ()
+    #: whether ComfyUI's LoRA loader reads this family's default file layout (``--file_layout auto``); where
+    #: it does not, a run says so at start and points to ``--file_layout comfyui``
+    comfyui_reads_default_layout: ClassVar[bool] = True
     #: dims of one ``latents`` row: 3 for image models ``[C, H, W]``, 4 for video models ``[C, T, H, W]``
     #: (which also read ``[C, H, W]`` rows, images, as 1-frame clips)
     latent_ndim: ClassVar[int] = 3

@@ -85,6 +85,8 @@ class HunyuanVideo(ModelFamily):
                        "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
     conditioning = {"prompt_embeds": 2, "prompt_attention_mask": 1, "pooled_prompt_embeds": 1}
     latent_ndim = 4
+    # ComfyUI reads this model's LoRAs only under its own (fused) names: --file_layout comfyui
+    comfyui_reads_default_layout = False
     # lora-prepare: clips at HunyuanVideo's 24 fps, at most its native 129 frames (5.4 s)
     encoding = FamilyEncoding(544, lambda config: config["patch_size"], encode_text, latent_scale=(0.476986, 0.0),
                               fps=24.0, frames=(1, 33, 65, 97, 129))

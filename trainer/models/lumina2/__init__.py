@@ -63,6 +63,8 @@ class Lumina2(ModelFamily):
     # the attention projections of every block (refiners and main layers); ComfyUI fuses q, k, v
     default_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0")
     conditioning = {"prompt_embeds": 2}
+    # ComfyUI reads this model's LoRAs only under its own (fused) names: --file_layout comfyui
+    comfyui_reads_default_layout = False
     # lora-prepare always writes the mask; without one every token is a caption token (unpadded embeddings,
     # such as ComfyUI's Gemma encoder makes)
     optional_conditioning = {"prompt_attention_mask": 1}
