@@ -407,9 +407,11 @@ def setup(cfg: TrainConfig, accelerator: Accelerator, model: Any, latents: Any, 
     denoiser.train()
     if prompts is not None:
         sample_size = sample_size or most_common_size(data, loaded.vae_scale_factor)
-        video = loaded.family.latent_ndim == 4 and cfg.sample_frames is None
+        # the default clip length comes from the data only where a video prompt has none of its own
+        from_data = loaded.family.latent_ndim == 4 and cfg.sample_frames is None and any(
+            p.frames is None for p in prompts)
         run.sampler = build_sampler(cfg.watching, cfg.output_dir, cfg.training_dtype, loaded, model, prompts,
-                                    sample_size, accelerator, most_common_frames(data) if video else 1)
+                                    sample_size, accelerator, most_common_frames(data) if from_data else 1)
     return run
 
 
