@@ -189,6 +189,24 @@ def test_sample_size_and_pipeline_object(tmp_path, pipeline):
         train_lora(pipe, "demo", sample_prompts=["a cat"], sample_size="big", **RUN)
 
 
+def test_streamed_data_samples_at_its_fixed_size_or_asks_for_one(tmp_path, pipeline):
+    """--streaming: the sample size comes from the rows' fixed shape (the schema says it up front); a stream of
+    several shapes needs --sample_size, said in one line before training."""
+    from datasets import Dataset
+
+    make_dataset(rows=4, size=12).save_to_disk(str(tmp_path / "one"))
+    train_lora(str(pipeline), str(tmp_path / "one"), streaming=True, sample_prompts=["a cat"],
+               output_dir=str(tmp_path / "run"), **{**RUN, "steps": 1})
+    assert pixels(tmp_path / "run" / "samples" / "step-00000001" / "0.png").shape == (24, 24, 3)  # 12 x VAE 2
+    rows = [make_dataset(rows=2, size=size).with_format("numpy")[:] for size in (12, 16)]
+    mixed = Dataset.from_dict({name: [x.tolist() for part in rows for x in part[name]] for name in rows[0]})
+    mixed.save_to_disk(str(tmp_path / "mixed"))  # nested lists of two shapes: no fixed shape in the schema
+    with pytest.raises(TrainerError, match="with --streaming and latents of several shapes .* give --sample_size"):
+        train_lora(str(pipeline), str(tmp_path / "mixed"), streaming=True, sample_prompts=["a cat"],
+                   output_dir=str(tmp_path / "run2"), **{**RUN, "steps": 1})
+    assert not (tmp_path / "run2" / "lora.safetensors").exists()
+
+
 def test_a_size_the_pipeline_refuses_stops_before_training(tmp_path, pipeline):
     with pytest.raises(TrainerError, match=r"^--sample_prompts: prompt 1 \('a dog', 30x32\): .*divisible by 8"):
         train_lora(str(pipeline), "demo", sample_prompts=["a cat", "a dog --w 30"], output_dir=str(tmp_path),

@@ -515,18 +515,26 @@ def _sampling_pipeline(source, loaded):
     return pipe
 
 
+def _common_latent_shape(data, flag: str) -> tuple[int, ...]:
+    """One row's latent shape in the training set's largest bucket; streamed data: the shape its schema fixes,
+    else a :class:`TrainerError` asking for ``flag`` (a stream's rows are not known up front)."""
+    if hasattr(data, "buckets"):
+        bucket = max(data.buckets, key=len)
+        return tuple(data.rows([bucket[0]])["latents"].shape[1:])
+    shape = getattr(data, "fixed", {}).get("latents")
+    if shape is None:
+        raise TrainerError("--sample_prompts: with --streaming and latents of several shapes the samples' size "
+                           f"cannot be read from the data up front; give {flag}")
+    return tuple(shape)
+
+
 def most_common_frames(data) -> int:
     """Latent frames T of the training set's largest bucket (video rows ``[C, T, H, W]``; 1 for image rows)."""
-    if not hasattr(data, "buckets"):
-        raise TrainerError("--sample_prompts: with --streaming the clip length cannot be read from the data "
-                           "up front; give --sample_frames")
-    bucket = max(data.buckets, key=len)
-    latents = data.rows([bucket[0]])["latents"]
-    return int(latents.shape[-3]) if latents.ndim == 5 else 1
+    shape = _common_latent_shape(data, "--sample_frames")
+    return int(shape[-3]) if len(shape) == 4 else 1
 
 
 def most_common_size(data, vae_scale_factor: int) -> tuple[int, int]:
     """(width, height) in pixels of the training set's largest bucket (its latent size x the VAE factor)."""
-    bucket = max(data.buckets, key=len)
-    height, width = data.rows([bucket[0]])["latents"].shape[-2:]
+    height, width = _common_latent_shape(data, "--sample_size")[-2:]
     return (int(width) * vae_scale_factor, int(height) * vae_scale_factor)
