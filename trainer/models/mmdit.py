@@ -21,6 +21,22 @@ def peft_file_tensors(module: str, tensors: dict[str, torch.Tensor],
     return {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, f"{key}.alpha": alpha}
 
 
+class FoldedAlphaLoRA:
+    """Mixin of a family whose LoRA files use diffusers/PEFT names with ``alpha / rank`` folded into ``lora_B``
+    (the loaders of SD3, Flux.2, Lumina 2 and HunyuanVideo refuse an alpha tensor): the file's alpha is then
+    its rank. Other algorithms' tensors keep the family's default keys. List it before ``ModelFamily``."""
+
+    def file_tensors(self, module, tensors):
+        if "lora_down.weight" in tensors:
+            return peft_file_tensors(module, tensors, fold_alpha=True)
+        return super().file_tensors(module, tensors)
+
+    def file_metadata(self, tensors, rank, alpha):
+        if any(key.endswith(".alpha") for key in tensors):
+            return {}
+        return {"ss_network_alpha": str(float(rank))}  # alpha / rank is folded into lora_B
+
+
 def has_module(model, module: str) -> bool:
     try:
         model.get_submodule(module)

@@ -32,7 +32,7 @@ from diffusers import Flux2Transformer2DModel
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
-from ..mmdit import peft_file_tensors
+from ..mmdit import FoldedAlphaLoRA
 
 #: FLUX.2 dev's diffusers configs (transformer and scheduler), for single-file checkpoints
 CONFIGS = Path(__file__).parent / "configs"
@@ -109,7 +109,7 @@ def encode_text(pipe, captions, device):
 
 
 @register_family
-class Flux2(ModelFamily):
+class Flux2(FoldedAlphaLoRA, ModelFamily):
     name = "flux2"
     denoiser_class = Flux2Transformer2DModel
     subfolder = "transformer"
@@ -193,13 +193,3 @@ class Flux2(ModelFamily):
 
     def base_model_version(self, model):
         return "flux2_dev" if model.config.guidance_embeds else "flux2_klein"
-
-    def file_tensors(self, module, tensors):
-        if "lora_down.weight" in tensors:
-            return peft_file_tensors(module, tensors, fold_alpha=True)
-        return super().file_tensors(module, tensors)
-
-    def file_metadata(self, tensors, rank, alpha):
-        if any(key.endswith(".alpha") for key in tensors):
-            return {}
-        return {"ss_network_alpha": str(float(rank))}  # alpha / rank is folded into lora_B

@@ -34,7 +34,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, register_family
-from ..mmdit import has_module, peft_file_tensors
+from ..mmdit import FoldedAlphaLoRA, has_module
 from ..patches import FLUX_EMBEDDER_NAMES, flux_block_comfyui_names
 
 #: diffusers module -> ComfyUI's (comfy/ldm/hunyuan_video/model.py, the original model's names) outside the blocks
@@ -75,7 +75,7 @@ def encode_text(pipe, captions, device):
 
 
 @register_family
-class HunyuanVideo(ModelFamily):
+class HunyuanVideo(FoldedAlphaLoRA, ModelFamily):
     name = "hunyuan_video"
     denoiser_class = HunyuanVideoTransformer3DModel
     subfolder = "transformer"
@@ -157,13 +157,3 @@ class HunyuanVideo(ModelFamily):
         for module, tensors in offsets.items():
             state.update(self.file_tensors(module, tensors))
         return state
-
-    def file_tensors(self, module, tensors):
-        if "lora_down.weight" in tensors:
-            return peft_file_tensors(module, tensors, fold_alpha=True)
-        return super().file_tensors(module, tensors)
-
-    def file_metadata(self, tensors, rank, alpha):
-        if any(key.endswith(".alpha") for key in tensors):
-            return {}
-        return {"ss_network_alpha": str(float(rank))}  # alpha / rank is folded into lora_B

@@ -40,7 +40,7 @@ from diffusers import Lumina2Transformer2DModel
 from ...errors import TrainerError
 from ...objectives import FlowMatchObjective
 from ..base import FamilyEncoding, ModelFamily, denoiser_keys, has_checkpoint_key, read_json, register_family
-from ..mmdit import has_module, peft_file_tensors
+from ..mmdit import FoldedAlphaLoRA, has_module
 from .names import QKV, STACKS, TOP_LEVEL, block_names, lumina2_config, original_to_diffusers
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -55,7 +55,7 @@ def encode_text(pipe, captions, device):
 
 
 @register_family
-class Lumina2(ModelFamily):
+class Lumina2(FoldedAlphaLoRA, ModelFamily):
     name = "lumina2"
     denoiser_class = Lumina2Transformer2DModel
     subfolder = "transformer"
@@ -139,13 +139,3 @@ class Lumina2(ModelFamily):
                 names.update(renamed(block, block, block_names(stack)))
                 names.update(fused(model, f"{block}attention.qkv", [block + p for p in QKV]))
         return {k: v for k, v in names.items() if has_module(model, k)}
-
-    def file_tensors(self, module, tensors):
-        if "lora_down.weight" in tensors:
-            return peft_file_tensors(module, tensors, fold_alpha=True)
-        return super().file_tensors(module, tensors)
-
-    def file_metadata(self, tensors, rank, alpha):
-        if any(key.endswith(".alpha") for key in tensors):
-            return {}
-        return {"ss_network_alpha": str(float(rank))}  # alpha / rank is folded into lora_B

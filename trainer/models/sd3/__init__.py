@@ -31,7 +31,7 @@ from ..base import (
     read_json,
     register_family,
 )
-from ..mmdit import check_text_conditioning, has_module, peft_file_tensors
+from ..mmdit import FoldedAlphaLoRA, check_text_conditioning, has_module
 
 CONFIGS = Path(__file__).parent / "configs"
 #: FlowMatchEulerDiscreteScheduler config of SD3 medium and SD3.5, for a model without a scheduler/ folder
@@ -47,7 +47,7 @@ def encode_text(pipe, captions, device):
 
 
 @register_family
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(FoldedAlphaLoRA, ModelFamily):
     name = "sd3"
     denoiser_class = SD3Transformer2DModel
     subfolder = "transformer"
@@ -159,13 +159,3 @@ class StableDiffusion3(ModelFamily):
                 if all(has_module(model, m) for m in members):
                     names.update(fused(model, f"{to}{stream}.qkv", members))
         return {k: v for k, v in names.items() if has_module(model, k)}
-
-    def file_tensors(self, module, tensors):
-        if "lora_down.weight" in tensors:
-            return peft_file_tensors(module, tensors, fold_alpha=True)
-        return super().file_tensors(module, tensors)
-
-    def file_metadata(self, tensors, rank, alpha):
-        if any(key.endswith(".alpha") for key in tensors):
-            return {}
-        return {"ss_network_alpha": str(float(rank))}  # alpha / rank is folded into lora_B
