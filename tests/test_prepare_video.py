@@ -367,3 +367,27 @@ def test_several_clips_per_video_start_where_planned(tmp_path, wan):
     result = prepare(cfg)
     assert result.shapes == {(CHANNELS, 2, 16, 16): 3} and result.decoded_frames == 9
     assert load(tmp_path / "out")["file_name"] == ["long.mkv"] * 3
+
+
+def test_ctrl_c_keeps_the_cache_and_the_same_command_continues(tmp_path, media, wan, monkeypatch, capsys):
+    """Ctrl-C mid-encoding: one line, exit 130, no dataset written; the rerun encodes only what was left."""
+    import trainer.prepare as prep
+
+    real, calls = prep.encode_images, []
+
+    def interrupted_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    argv = ["--images", str(media), "--model", str(wan), "--output", str(tmp_path / "out"),
+            *[x for k, v in {**OPTS, "batch_size": 1}.items() for x in (f"--{k}", str(v))]]
+    monkeypatch.setattr(prep, "encode_images", interrupted_after_two)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "lora-prepare: interrupted; what was encoded is kept in" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(prep, "encode_images", real)
+    assert main(argv) == 0
+    assert "encoded 4 new images and videos" in capsys.readouterr().out  # 6 files, 2 already in the cache

@@ -35,7 +35,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cli import configure_logging
+from .cli import EXIT_CONFIG, EXIT_INPUT, EXIT_INTERRUPTED, configure_logging
 from .config import OneLineParser, _param, add_parameters
 from .errors import ConfigError, TrainerError
 
@@ -984,16 +984,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = PrepareConfig(**vars(build_parser().parse_args(argv)))
     except ConfigError as e:
         print(f"lora-prepare: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     configure_logging()
     try:
         result = prepare(cfg)
     except ConfigError as e:  # a parameter that does not suit the model (e.g. --bucket_step)
         print(f"lora-prepare: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except TrainerError as e:
         print(f"lora-prepare: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_INPUT
+    except KeyboardInterrupt:  # every file encoded so far is in the cache; the output was not touched
+        print(f"lora-prepare: interrupted; what was encoded is kept in {cfg.cache}, and the same command "
+              "continues from there", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result is not None:
         report(result)
     return 0
